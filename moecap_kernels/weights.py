@@ -1,0 +1,61 @@
+"""MoEWeights: the tensors of one MoE layer, laid out as nn.Linear does (out × in), experts stacked.
+
+- ``router``:        [E, H]
+- ``w_in``:          [E, F_in, H], F_in = 2F when gated (rows 0..F-1 gate, F..2F-1 up), else F
+- ``w_out``:         [E, H, F]
+- ``shared_w_in``:   [S, F_in_s, H] and ``shared_w_out``: [S, H, F_s] (S may be 0)
+
+Weights are random (seeded) with 1/sqrt(fan_in) scale, so outputs are O(1) and never zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moecap_kernels.dtypes import torch_dtype
+from moecap_kernels.spec import MoESpec
+
+
+@dataclass(frozen=True)
+class MoEWeights:
+    router: torch.Tensor
+    w_in: torch.Tensor
+    w_out: torch.Tensor
+    shared_w_in: torch.Tensor
+    shared_w_out: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.w_in.device
+
+
+def _scaled_randn(shape: tuple[int, ...], fan_in: int, dtype: torch.dtype, device: torch.device,
+                  generator: torch.Generator) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if out.numel() == 0:
+        return out
+    # Fill one leading slice at a time so a float32 staging buffer never exceeds one expert.
+    flat = out.view(shape[0], -1) if len(shape) > 1 else out.view(1, -1)
+    for row in flat:
+        staged = torch.randn(row.numel(), generator=generator, dtype=torch.float32, device=device)
+        row.copy_(staged.mul_(fan_in ** -0.5))
+    return out
+
+
+def random_weights(spec: MoESpec, device: torch.device | str = "cpu", seed: int = 0) -> MoEWeights:
+    """Seeded random weights in ``spec.weight_dtype`` on ``device``."""
+    device = torch.device(device)
+    dtype = torch_dtype(spec.weight_dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    h, f, e = spec.hidden_size, spec.intermediate_size, spec.num_experts
+    s, fs = spec.num_shared_experts, spec.shared_intermediate_size
+    in_mult = 2 if spec.gated else 1
+    return MoEWeights(
+        router=_scaled_randn((e, h), h, dtype, device, gen),
+        w_in=_scaled_randn((e, in_mult * f, h), h, dtype, device, gen),
+        w_out=_scaled_randn((e, h, f), f, dtype, device, gen),
+        shared_w_in=_scaled_randn((s, in_mult * fs, h), h, dtype, device, gen),
+        shared_w_out=_scaled_randn((s, h, fs), max(fs, 1), dtype, device, gen),
+    )
