@@ -1,0 +1,156 @@
+"""Routing: which experts each token goes to, and with what weight.
+
+A routing is a pair of tensors: ``topk_ids`` int64 [T, k] (distinct experts per row) and
+``topk_weights`` float32 [T, k]. It comes from the router (softmax or sigmoid scores, top-k,
+optional renormalisation), or its ids are forced by a synthetic distribution or a recorded
+trace; the weights are then the router's scores gathered at those ids, so every source goes
+through the same arithmetic.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moecap_kernels.errors import UserError
+from moecap_kernels.spec import MoESpec
+
+SYNTHETIC_KINDS = ("uniform", "zipf", "dirichlet", "hot")
+
+
+@dataclass(frozen=True)
+class RoutingChoice:
+    """How a run picks its routed experts: ``router``, a synthetic ``kind[:param]``, or a ``trace``."""
+
+    kind: str
+    param: float | None = None
+    path: Path | None = None
+
+    def describe(self) -> str:
+        if self.kind == "trace":
+            return f"trace:{self.path}"
+        return self.kind if self.param is None else f"{self.kind}:{self.param:g}"
+
+
+def parse_routing(text: str) -> RoutingChoice:
+    """Parse ``router``, ``uniform``, ``zipf:ALPHA``, ``dirichlet:ALPHA``, ``hot:N`` or ``trace:PATH``."""
+    kind, _, arg = text.strip().partition(":")
+    kind = kind.lower()
+    if kind in ("router", "uniform"):
+        if arg:
+            raise UserError(f"routing {kind!r} takes no parameter, got {text!r}")
+        return RoutingChoice(kind)
+    if kind == "trace":
+        if not arg:
+            raise UserError("routing trace needs a path: --routing trace:PATH.npy")
+        return RoutingChoice(kind, path=Path(arg))
+    if kind not in SYNTHETIC_KINDS:
+        raise UserError(
+            f"unknown routing {text!r}; use router, uniform, zipf:ALPHA, dirichlet:ALPHA, hot:N or trace:PATH"
+        )
+    try:
+        value = float(arg)
+    except ValueError:
+        raise UserError(f"routing {kind} needs a number, e.g. {kind}:{1.2 if kind != 'hot' else 2}") from None
+    if not np.isfinite(value) or value <= 0 or (kind == "hot" and value != int(value)):
+        what = "integer" if kind == "hot" else "number"
+        raise UserError(f"routing {kind} needs a positive {what}, got {arg!r}")
+    return RoutingChoice(kind, param=value)
+
+
+# --- router -------------------------------------------------------------------------------
+
+
+def router_scores(x: torch.Tensor, router_weight: torch.Tensor, spec: MoESpec) -> torch.Tensor:
+    """Scores [T, E] in float32: softmax or sigmoid of the logits x @ W_r^T."""
+    logits = (x @ router_weight.T).float()
+    return logits.softmax(dim=-1) if spec.router_scoring == "softmax" else logits.sigmoid()
+
+
+def _normalise(weights: torch.Tensor, spec: MoESpec) -> torch.Tensor:
+    return weights / weights.sum(dim=-1, keepdim=True) if spec.renormalize else weights
+
+
+def route(
+    scores: torch.Tensor, spec: MoESpec, forced_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(topk_ids int64 [T, k], topk_weights float32 [T, k]) from router scores.
+
+    With ``forced_ids`` the experts are given (synthetic or trace routing) and only the weights
+    are taken from the scores.
+    """
+    if forced_ids is None:
+        weights, ids = scores.topk(spec.top_k, dim=-1)
+    else:
+        ids = forced_ids
+        weights = scores.gather(1, ids)
+    return ids, _normalise(weights, spec)
+
+
+# --- synthetic distributions --------------------------------------------------------------
+
+
+def _distinct_draws(popularity: torch.Tensor, tokens: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """k distinct experts per token, drawn without replacement with probability ∝ popularity."""
+    probs = popularity.double().clamp_min(1e-300).expand(tokens, -1)
+    return torch.multinomial(probs, k, replacement=False, generator=gen)
+
+
+def synthetic_ids(choice: RoutingChoice, tokens: int, spec: MoESpec, seed: int) -> torch.Tensor:
+    """int64 [tokens, k] expert ids drawn from a seeded synthetic distribution (CPU tensor)."""
+    e, k = spec.num_experts, spec.top_k
+    gen = torch.Generator().manual_seed(seed)
+    if choice.kind == "uniform":
+        return _distinct_draws(torch.ones(e), tokens, k, gen)
+    if choice.kind == "zipf":
+        ranks = torch.randperm(e, generator=gen).double() + 1.0
+        return _distinct_draws(ranks.pow(-choice.param), tokens, k, gen)
+    if choice.kind == "dirichlet":
+        popularity = np.random.default_rng(seed).dirichlet(np.full(e, choice.param))
+        return _distinct_draws(torch.from_numpy(popularity), tokens, k, gen)
+    if choice.kind == "hot":
+        n_hot = int(choice.param)
+        if not k <= n_hot <= e:
+            raise UserError(f"routing hot:{n_hot} needs top_k ({k}) <= N <= num_experts ({e})")
+        hot = torch.randperm(e, generator=gen)[:n_hot]
+        picks = _distinct_draws(torch.ones(n_hot), tokens, k, gen)
+        return hot[picks]
+    raise UserError(f"routing {choice.describe()} is not synthetic")
+
+
+# --- trace replay -------------------------------------------------------------------------
+
+
+def load_trace(path: Path, spec: MoESpec) -> torch.Tensor:
+    """A recorded routing: an integer .npy array [T, k] of expert ids, validated against ``spec``."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(f"trace {path}: no such file") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise UserError(f"trace {path}: not a readable .npy array ({exc})") from None
+    if not isinstance(array, np.ndarray):
+        raise UserError(f"trace {path}: expected one .npy array, got an .npz archive")
+    if array.ndim != 2 or array.shape[0] == 0:
+        raise UserError(f"trace {path}: expected a [T, k] array with T >= 1, got shape {list(array.shape)}")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise UserError(f"trace {path}: expert ids must be integers, got dtype {array.dtype}")
+    if array.shape[1] != spec.top_k:
+        raise UserError(
+            f"trace {path}: has k={array.shape[1]} experts per token, {spec.name} routes top_k={spec.top_k}"
+        )
+    bad = (array < 0) | (array >= spec.num_experts)
+    if bad.any():
+        t, j = map(int, np.argwhere(bad)[0])
+        raise UserError(
+            f"trace {path}: expert id {int(array[t, j])} at token {t} is out of range [0, {spec.num_experts})"
+        )
+    ordered = np.sort(array, axis=1)
+    repeats = np.nonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))[0]
+    if repeats.size:
+        raise UserError(f"trace {path}: token {int(repeats[0])} lists the same expert twice")
+    return torch.from_numpy(array.astype(np.int64))

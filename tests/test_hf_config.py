@@ -1,0 +1,403 @@
+"""spec_from_hf_config: each family's real key layout, preset round trips, and one-line failures."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moecap_kernels.errors import UserError
+from moecap_kernels.hf_config import spec_from_hf_config
+from moecap_kernels.spec import MoESpec, list_presets, load_preset
+
+Config = dict[str, Any]
+
+
+def write_config(folder: Path, config: Any, name: str = "config.json") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(json.dumps(config))
+    return path
+
+
+def shape(spec: MoESpec) -> tuple:
+    return (
+        spec.hidden_size,
+        spec.intermediate_size,
+        spec.num_experts,
+        spec.top_k,
+        spec.num_shared_experts,
+        spec.shared_intermediate_size,
+        spec.router_scoring,
+        spec.renormalize,
+    )
+
+
+# --- configs in each family's layout, written from a MoESpec ------------------------------------
+
+
+def mixtral(s: MoESpec) -> Config:
+    return {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "hidden_act": s.activation,
+        "hidden_size": s.hidden_size,
+        "intermediate_size": s.intermediate_size,
+        "num_local_experts": s.num_experts,
+        "num_experts_per_tok": s.top_k,
+        "torch_dtype": "bfloat16",
+    }
+
+
+def qwen2_moe(s: MoESpec) -> Config:
+    return {
+        "architectures": ["Qwen2MoeForCausalLM"],
+        "model_type": "qwen2_moe",
+        "hidden_size": s.hidden_size,
+        "intermediate_size": 4 * s.hidden_size,  # the dense width, not an expert's
+        "moe_intermediate_size": s.intermediate_size,
+        "shared_expert_intermediate_size": s.shared_intermediate_size,
+        "num_experts": s.num_experts,
+        "num_experts_per_tok": s.top_k,
+        "norm_topk_prob": s.renormalize,
+    }
+
+
+def qwen3_moe(s: MoESpec) -> Config:
+    config = qwen2_moe(s)
+    del config["shared_expert_intermediate_size"]
+    return {**config, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe"}
+
+
+def deepseek(model_type: str, architecture: str) -> Callable[[MoESpec], Config]:
+    def write(s: MoESpec) -> Config:
+        return {
+            "architectures": [architecture],
+            "model_type": model_type,
+            "hidden_size": s.hidden_size,
+            "intermediate_size": 9 * s.hidden_size,  # the dense layers' width, not an expert's
+            "moe_intermediate_size": s.intermediate_size,
+            "n_routed_experts": s.num_experts,
+            "n_shared_experts": s.num_shared_experts,
+            "num_experts_per_tok": s.top_k,
+            "scoring_func": s.router_scoring,
+            "norm_topk_prob": s.renormalize,
+        }
+
+    return write
+
+
+def dbrx(s: MoESpec) -> Config:
+    return {
+        "architectures": ["DbrxForCausalLM"],
+        "model_type": "dbrx",
+        "d_model": s.hidden_size,
+        "ffn_config": {
+            "ffn_act_fn": {"name": s.activation},
+            "ffn_hidden_size": s.intermediate_size,
+            "moe_num_experts": s.num_experts,
+            "moe_top_k": s.top_k,
+            "moe_normalize_expert_weights": 1,
+        },
+    }
+
+
+def olmoe(s: MoESpec) -> Config:
+    return {
+        "architectures": ["OlmoeForCausalLM"],
+        "model_type": "olmoe",
+        "hidden_size": s.hidden_size,
+        "intermediate_size": s.intermediate_size,
+        "num_experts": s.num_experts,
+        "num_experts_per_tok": s.top_k,
+        "norm_topk_prob": s.renormalize,
+    }
+
+
+def gpt_oss(s: MoESpec) -> Config:
+    return {
+        "architectures": ["GptOssForCausalLM"],
+        "model_type": "gpt_oss",
+        "hidden_size": s.hidden_size,
+        "intermediate_size": s.intermediate_size,
+        "num_local_experts": s.num_experts,
+        "num_experts_per_tok": s.top_k,
+        "experts_per_token": s.top_k,
+    }
+
+
+PRESET_LAYOUT: dict[str, Callable[[MoESpec], Config]] = {
+    "mixtral-8x7b": mixtral,
+    "mixtral-8x22b": mixtral,
+    "dbrx": dbrx,
+    "qwen1.5-moe-a2.7b": qwen2_moe,
+    "qwen2-57b-a14b": qwen2_moe,
+    "qwen3-30b-a3b": qwen3_moe,
+    "qwen3-235b-a22b": qwen3_moe,
+    "deepseek-v2-lite": deepseek("deepseek_v2", "DeepseekV2ForCausalLM"),
+    "deepseek-v2": deepseek("deepseek_v2", "DeepseekV2ForCausalLM"),
+    "deepseek-v3": deepseek("deepseek_v3", "DeepseekV3ForCausalLM"),
+    "kimi-k2": deepseek("kimi_k2", "DeepseekV3ForCausalLM"),
+    "olmoe-1b-7b": olmoe,
+    "gpt-oss-20b": gpt_oss,
+    "gpt-oss-120b": gpt_oss,
+}
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_every_preset_round_trips_through_its_family_layout(tmp_path: Path, name: str) -> None:
+    assert name in PRESET_LAYOUT, f"add preset {name!r} to PRESET_LAYOUT"
+    preset = load_preset(name)
+    spec = spec_from_hf_config(write_config(tmp_path / name, PRESET_LAYOUT[name](preset)))
+    assert shape(spec) == shape(preset)
+    assert (spec.gated, spec.activation) == (preset.gated, preset.activation)
+    assert spec.name == name and spec.weight_dtype == spec.act_dtype == "bfloat16"
+
+
+# --- literal configs in the real layouts ------------------------------------------------------
+
+
+REAL = {
+    "qwen2-57b": (
+        {
+            "_name_or_path": "Qwen/Qwen2-57B-A14B",
+            "model_type": "qwen2_moe",
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "moe_intermediate_size": 2560,
+            "num_experts": 64,
+            "num_experts_per_tok": 8,
+            "shared_expert_intermediate_size": 20480,
+            "norm_topk_prob": False,
+            "torch_dtype": "bfloat16",
+        },
+        (3584, 2560, 64, 8, 1, 20480, "softmax", False),
+    ),
+    "deepseek-v2-lite": (
+        {
+            "model_type": "deepseek_v2",
+            "hidden_size": 2048,
+            "intermediate_size": 10944,
+            "moe_intermediate_size": 1408,
+            "n_routed_experts": 64,
+            "n_shared_experts": 2,
+            "num_experts_per_tok": 6,
+            "norm_topk_prob": False,
+            "scoring_func": "softmax",
+            "q_lora_rank": None,
+        },
+        (2048, 1408, 64, 6, 2, 1408, "softmax", False),
+    ),
+    "deepseek-v3-defaults": (  # no scoring_func / norm_topk_prob: the DeepSeek-V3 defaults apply
+        {
+            "model_type": "deepseek_v3",
+            "hidden_size": 7168,
+            "moe_intermediate_size": 2048,
+            "n_routed_experts": 256,
+            "n_shared_experts": 1,
+            "num_experts_per_tok": 8,
+        },
+        (7168, 2048, 256, 8, 1, 2048, "sigmoid", True),
+    ),
+    "dbrx-nested": (
+        {
+            "model_type": "dbrx",
+            "d_model": 6144,
+            "n_heads": 48,
+            "ffn_config": {"ffn_hidden_size": 10752, "moe_num_experts": 16, "moe_top_k": 4},
+        },
+        (6144, 10752, 16, 4, 0, 0, "softmax", True),
+    ),
+    "olmoe": (
+        {
+            "model_type": "olmoe",
+            "hidden_size": 2048,
+            "intermediate_size": 1024,
+            "num_experts": 64,
+            "num_experts_per_tok": 8,
+            "norm_topk_prob": False,
+            "clip_qkv": None,
+        },
+        (2048, 1024, 64, 8, 0, 0, "softmax", False),
+    ),
+    "gpt-oss-original-keys": (
+        {
+            "model_type": "gpt_oss",
+            "hidden_size": 2880,
+            "intermediate_size": 2880,
+            "num_experts": 128,
+            "experts_per_token": 4,
+            "swiglu_limit": 7.0,
+        },
+        (2880, 2880, 128, 4, 0, 0, "softmax", True),
+    ),
+    "architectures-only": (
+        {
+            "architectures": ["MixtralForCausalLM"],
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_local_experts": 8,
+            "num_experts_per_tok": 2,
+        },
+        (4096, 14336, 8, 2, 0, 0, "softmax", True),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REAL)
+def test_real_layouts(tmp_path: Path, case: str) -> None:
+    config, expected = REAL[case]
+    assert shape(spec_from_hf_config(write_config(tmp_path, config))) == expected
+
+
+def test_name_prefers_name_or_path_then_folder(tmp_path: Path) -> None:
+    config = mixtral(load_preset("mixtral-8x7b"))
+    assert spec_from_hf_config(write_config(tmp_path / "my-mixtral", config)).name == "my-mixtral"
+    recorded = {**config, "_name_or_path": "mistralai/Mixtral-8x7B-v0.1"}
+    assert spec_from_hf_config(write_config(tmp_path / "x", recorded)).name == "mistralai/Mixtral-8x7B-v0.1"
+
+
+def test_accepts_the_model_folder(tmp_path: Path) -> None:
+    write_config(tmp_path / "olmoe", olmoe(load_preset("olmoe-1b-7b")))
+    assert spec_from_hf_config(tmp_path / "olmoe").num_experts == 64
+
+
+@pytest.mark.parametrize(
+    ("requested", "in_config", "expected"),
+    [
+        (None, {"torch_dtype": "float16"}, "float16"),
+        (None, {"dtype": "float32"}, "float32"),
+        (None, {"torch_dtype": "float8_e4m3fn"}, "bfloat16"),
+        (None, {}, "bfloat16"),
+        ("fp16", {"torch_dtype": "float32"}, "float16"),
+        ("bfloat16", {"torch_dtype": "float16"}, "bfloat16"),
+    ],
+)
+def test_dtype_choice(tmp_path: Path, requested: str | None, in_config: Config, expected: str) -> None:
+    without_dtype = {k: v for k, v in mixtral(load_preset("mixtral-8x7b")).items() if k != "torch_dtype"}
+    spec = spec_from_hf_config(write_config(tmp_path, without_dtype | in_config), dtype=requested)
+    assert spec.weight_dtype == spec.act_dtype == expected
+
+
+# --- failures: one line, naming the file -------------------------------------------------------
+
+
+def _base() -> Config:
+    return mixtral(load_preset("mixtral-8x7b"))
+
+
+def _deepseek_base() -> Config:
+    return PRESET_LAYOUT["deepseek-v3"](load_preset("deepseek-v3"))
+
+
+BAD_CONFIGS: dict[str, tuple[Any, str]] = {
+    "json-array": ([1, 2, 3], "JSON object"),
+    "json-string": ("mixtral", "JSON object"),
+    "unknown-moe-family": ({"model_type": "jamba", "num_experts": 16, "hidden_size": 8}, "unsupported"),
+    "dense-llama": ({"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008}, "dense"),
+    "dense-no-type": ({"hidden_size": 4096}, "dense"),
+    "dense-one-expert": ({**_base(), "num_local_experts": 1}, "dense"),
+    "dense-null-experts": ({**_deepseek_base(), "n_routed_experts": None}, "dense"),
+    "missing-hidden": ({k: v for k, v in _base().items() if k != "hidden_size"}, "hidden_size"),
+    "missing-top-k": (
+        {k: v for k, v in _base().items() if k != "num_experts_per_tok"},
+        "num_experts_per_tok",
+    ),
+    "missing-ffn-config": ({"model_type": "dbrx", "d_model": 64}, "ffn_config"),
+    "ffn-config-not-object": ({"model_type": "dbrx", "d_model": 64, "ffn_config": 3}, "ffn_config"),
+    "missing-nested": (
+        {"model_type": "dbrx", "d_model": 64, "ffn_config": {"moe_num_experts": 4, "moe_top_k": 2}},
+        "ffn_config.ffn_hidden_size",
+    ),
+    "missing-qwen2-shared": (
+        {
+            k: v
+            for k, v in qwen2_moe(load_preset("qwen2-57b-a14b")).items()
+            if k != "shared_expert_intermediate_size"
+        },
+        "shared_expert_intermediate_size",
+    ),
+    "string-int": ({**_base(), "hidden_size": "4096"}, "hidden_size"),
+    "float-int": ({**_base(), "intermediate_size": 14336.0}, "intermediate_size"),
+    "bool-int": ({**_base(), "num_experts_per_tok": True}, "num_experts_per_tok"),
+    "zero-hidden": ({**_base(), "hidden_size": 0}, "hidden_size"),
+    "negative-shared": ({**_deepseek_base(), "n_shared_experts": -1}, "n_shared_experts"),
+    "top-k-exceeds-experts": ({**_base(), "num_experts_per_tok": 9}, "top_k"),
+    "bad-norm-flag": ({**_deepseek_base(), "norm_topk_prob": "yes"}, "norm_topk_prob"),
+    "bad-scoring": ({**_deepseek_base(), "scoring_func": "sqrtsoftplus"}, "scoring_func"),
+    "bad-activation": ({**_base(), "hidden_act": "relu"}, "relu"),
+}
+
+
+def _assert_one_line_naming(error: pytest.ExceptionInfo[UserError], path: Path, detail: str) -> None:
+    message = str(error.value)
+    assert str(path) in message
+    assert detail in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_bad_config_is_a_user_error(tmp_path: Path, case: str) -> None:
+    config, detail = BAD_CONFIGS[case]
+    path = write_config(tmp_path, config)
+    with pytest.raises(UserError) as error:
+        spec_from_hf_config(path)
+    _assert_one_line_naming(error, path, detail)
+
+
+@pytest.mark.parametrize(
+    ("case", "content", "detail"),
+    [
+        ("not-json", b"{ hidden_size: 4096", "not valid JSON"),
+        ("empty", b"", "not valid JSON"),
+        ("binary", b"\xff\xfe\x00\x80garbage", "cannot read"),
+    ],
+)
+def test_unparsable_file_is_a_user_error(tmp_path: Path, case: str, content: bytes, detail: str) -> None:
+    path = tmp_path / f"{case}.json"
+    path.write_bytes(content)
+    with pytest.raises(UserError) as error:
+        spec_from_hf_config(path)
+    _assert_one_line_naming(error, path, detail)
+
+
+@pytest.mark.parametrize("relative", ["missing.json", "empty-folder"])
+def test_missing_file_is_a_user_error(tmp_path: Path, relative: str) -> None:
+    (tmp_path / "empty-folder").mkdir()
+    path = tmp_path / relative
+    with pytest.raises(UserError) as error:
+        spec_from_hf_config(path)
+    _assert_one_line_naming(error, path, "not found")
+
+
+def test_bad_dtype_argument_names_the_file(tmp_path: Path) -> None:
+    path = write_config(tmp_path, _base())
+    with pytest.raises(UserError) as error:
+        spec_from_hf_config(path, dtype="int3")
+    _assert_one_line_naming(error, path, "int3")
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 70000) | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+KEYS = st.sampled_from(
+    sorted({key for layout in PRESET_LAYOUT.values() for key in layout(load_preset("dbrx"))})
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(base=st.sampled_from(sorted(PRESET_LAYOUT)), changes=st.dictionaries(KEYS, JSON_VALUES, max_size=3))
+def test_any_corruption_is_a_spec_or_a_user_error(tmp_path: Path, base: str, changes: Config) -> None:
+    config = {**PRESET_LAYOUT[base](load_preset(base)), **changes}
+    path = write_config(tmp_path, config)
+    try:
+        spec_from_hf_config(path)
+    except UserError as exc:
+        assert str(path) in str(exc) and "\n" not in str(exc)

@@ -1,0 +1,91 @@
+"""The shipped presets: each loads, is named after its file, and carries the published figures."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from moecap_kernels import spec as spec_module
+from moecap_kernels.spec import MoESpec, list_presets, load_preset
+
+PRESET_DIR = Path(spec_module.__file__).parent / "presets"
+REQUIRED = (
+    "mixtral-8x7b",
+    "mixtral-8x22b",
+    "dbrx",
+    "qwen1.5-moe-a2.7b",
+    "qwen2-57b-a14b",
+    "qwen3-30b-a3b",
+    "qwen3-235b-a22b",
+    "deepseek-v2-lite",
+    "deepseek-v3",
+    "olmoe-1b-7b",
+    "gpt-oss-20b",
+)
+FIELDS = {f.name for f in dataclasses.fields(MoESpec)}
+
+# (name, H, F, E, k, S, F_s, router_scoring, renormalize) as published in each model's config.json.
+PUBLISHED = [
+    ("mixtral-8x7b", 4096, 14336, 8, 2, 0, 0, "softmax", True),
+    ("mixtral-8x22b", 6144, 16384, 8, 2, 0, 0, "softmax", True),
+    ("dbrx", 6144, 10752, 16, 4, 0, 0, "softmax", True),
+    ("qwen1.5-moe-a2.7b", 2048, 1408, 60, 4, 1, 5632, "softmax", False),
+    ("qwen2-57b-a14b", 3584, 2560, 64, 8, 1, 20480, "softmax", False),
+    ("qwen3-30b-a3b", 2048, 768, 128, 8, 0, 0, "softmax", True),
+    ("qwen3-235b-a22b", 4096, 1536, 128, 8, 0, 0, "softmax", True),
+    ("deepseek-v2-lite", 2048, 1408, 64, 6, 2, 1408, "softmax", False),
+    ("deepseek-v3", 7168, 2048, 256, 8, 1, 2048, "sigmoid", True),
+    ("olmoe-1b-7b", 2048, 1024, 64, 8, 0, 0, "softmax", False),
+    ("gpt-oss-20b", 2880, 2880, 32, 4, 0, 0, "softmax", True),
+    ("gpt-oss-120b", 2880, 2880, 128, 4, 0, 0, "softmax", True),
+]
+
+
+def shape(spec: MoESpec) -> tuple:
+    return (
+        spec.hidden_size,
+        spec.intermediate_size,
+        spec.num_experts,
+        spec.top_k,
+        spec.num_shared_experts,
+        spec.shared_intermediate_size,
+        spec.router_scoring,
+        spec.renormalize,
+    )
+
+
+def test_required_presets_ship() -> None:
+    assert set(REQUIRED) <= set(list_presets())
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_preset_loads_and_is_named_after_its_file(name: str) -> None:
+    raw = json.loads((PRESET_DIR / f"{name}.json").read_text())
+    assert set(raw) == FIELDS, "a preset spells out every MoESpec field, and nothing else"
+    spec = load_preset(name)
+    assert spec.name == name == raw["name"]
+    assert spec.top_k <= spec.num_experts
+    assert (spec.num_shared_experts == 0) == (spec.shared_intermediate_size == 0)
+    assert spec.weight_dtype == spec.act_dtype == "bfloat16"
+    assert spec.gated and spec.activation == "silu"
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_preset_cites_its_config(name: str) -> None:
+    source = load_preset(name).source
+    assert "\n" not in source
+    assert "config.json" in source
+    repo_id = source.split()[0]
+    assert repo_id.count("/") == 1, f"source should start with the HF repo id, got {repo_id!r}"
+
+
+@pytest.mark.parametrize("expected", PUBLISHED, ids=[row[0] for row in PUBLISHED])
+def test_published_figures(expected: tuple) -> None:
+    assert shape(load_preset(expected[0])) == expected[1:]
+
+
+def test_lookup_is_case_insensitive() -> None:
+    assert load_preset("  Mixtral-8x7B ") == load_preset("mixtral-8x7b")
