@@ -55,7 +55,9 @@ class MoESpec:
         if self.activation not in ACTIVATIONS:
             raise UserError(f"{self.name}: activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.router_scoring not in SCORINGS:
-            raise UserError(f"{self.name}: router_scoring must be one of {SCORINGS}, got {self.router_scoring!r}")
+            raise UserError(
+                f"{self.name}: router_scoring must be one of {SCORINGS}, got {self.router_scoring!r}"
+            )
         object.__setattr__(self, "weight_dtype", canonical_dtype(self.weight_dtype))
         object.__setattr__(self, "act_dtype", canonical_dtype(self.act_dtype))
 

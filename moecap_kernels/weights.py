@@ -31,8 +31,9 @@ class MoEWeights:
         return self.w_in.device
 
 
-def _scaled_randn(shape: tuple[int, ...], fan_in: int, dtype: torch.dtype, device: torch.device,
-                  generator: torch.Generator) -> torch.Tensor:
+def _scaled_randn(
+    shape: tuple[int, ...], fan_in: int, dtype: torch.dtype, device: torch.device, generator: torch.Generator
+) -> torch.Tensor:
     out = torch.empty(shape, dtype=dtype, device=device)
     if out.numel() == 0:
         return out
@@ -40,7 +41,7 @@ def _scaled_randn(shape: tuple[int, ...], fan_in: int, dtype: torch.dtype, devic
     flat = out.view(shape[0], -1) if len(shape) > 1 else out.view(1, -1)
     for row in flat:
         staged = torch.randn(row.numel(), generator=generator, dtype=torch.float32, device=device)
-        row.copy_(staged.mul_(fan_in ** -0.5))
+        row.copy_(staged.mul_(fan_in**-0.5))
     return out
 
 

@@ -21,8 +21,10 @@ def test_parse_routing_accepts(text):
     assert parse_routing(text).describe().split(":")[0] == text.split(":")[0]
 
 
-@pytest.mark.parametrize("text", ["zipf", "zipf:abc", "zipf:-1", "hot:1.5", "hot:0", "gauss:1", "trace:",
-                                  "uniform:3", "dirichlet:nan"])
+@pytest.mark.parametrize(
+    "text",
+    ["zipf", "zipf:abc", "zipf:-1", "hot:1.5", "hot:0", "gauss:1", "trace:", "uniform:3", "dirichlet:nan"],
+)
 def test_parse_routing_rejects(text):
     with pytest.raises(UserError):
         parse_routing(text)

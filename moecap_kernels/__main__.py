@@ -1,0 +1,3 @@
+from moecap_kernels.profile import main
+
+raise SystemExit(main())

@@ -1,0 +1,66 @@
+"""``grouped``: routed pairs sorted by expert once, experts run on contiguous row segments.
+
+One sort groups the pairs; on CUDA (bf16, Hopper and newer) ``torch._grouped_mm`` runs every
+expert in one launch with no host sync; elsewhere each activated expert's segment is one GEMM
+(the segment offsets need one host read; there is no loop over idle experts). The combine is
+one weighted index-add.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moecap_kernels.backends import register
+from moecap_kernels.backends.base import Backend, activate, add_shared_experts, expert_mlp
+from moecap_kernels.nvtx import nvtx_range
+from moecap_kernels.spec import MoESpec
+from moecap_kernels.weights import MoEWeights
+
+
+def _grouped_mm_usable(x: torch.Tensor) -> bool:
+    """torch._grouped_mm is fast only on CUDA bf16 with sm90+; on a CPU it is slower than a loop."""
+    return (
+        hasattr(torch, "_grouped_mm")
+        and x.is_cuda
+        and x.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    )
+
+
+@register("grouped")
+class GroupedBackend(Backend):
+    description = "pairs sorted by expert, one GEMM per activated expert segment (torch._grouped_mm on sm90)"
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        weights: MoEWeights,
+        spec: MoESpec,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        k = spec.top_k
+        with nvtx_range("dispatch", x.device):
+            flat_ids = topk_ids.reshape(-1)
+            order = flat_ids.argsort(stable=True)
+            token_of_row = order // k
+            rows = x[token_of_row]
+            counts = torch.zeros(spec.num_experts, dtype=torch.int64, device=x.device)
+            counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
+            ends = counts.cumsum(0)
+        with nvtx_range("experts", x.device):
+            if _grouped_mm_usable(x):
+                offs = ends.to(torch.int32)
+                h = activate(torch._grouped_mm(rows, weights.w_in.transpose(1, 2), offs=offs), spec)
+                out = torch._grouped_mm(h, weights.w_out.transpose(1, 2), offs=offs)
+            else:
+                out = torch.empty_like(rows)
+                active = counts.nonzero().flatten()
+                spans = torch.stack([active, ends[active] - counts[active], ends[active]], dim=1)
+                for e, start, end in spans.tolist():  # one host read; activated experts only
+                    out[start:end] = expert_mlp(rows[start:end], weights.w_in[e], weights.w_out[e], spec)
+        with nvtx_range("combine", x.device):
+            out = out * topk_weights.reshape(-1)[order, None].to(out.dtype)
+            y = torch.zeros_like(x).index_add_(0, token_of_row, out)
+            add_shared_experts(y, x, weights, spec)
+        return y

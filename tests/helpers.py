@@ -1,0 +1,42 @@
+"""Small layers and an independent per-pair float64 loop, shared by the tests."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from moecap_kernels.spec import MoESpec
+
+
+def tiny_spec(**overrides) -> MoESpec:
+    base = dict(name="tiny", hidden_size=48, intermediate_size=40, num_experts=8, top_k=2)
+    return MoESpec(**{**base, **overrides})
+
+
+def per_pair_reference(x, weights, spec, topk_ids, topk_weights) -> torch.Tensor:
+    """y in float64 by the definition: for every token, for every routed pair, one expert matvec."""
+    f = spec.intermediate_size
+
+    def act(v: float) -> float:
+        return (
+            v / (1 + math.exp(-v))
+            if spec.activation == "silu"
+            else 0.5 * v * (1 + math.erf(v / math.sqrt(2)))
+        )
+
+    def expert(row, w_in, w_out, width):
+        h = (w_in.double() @ row).tolist()
+        inner = [act(h[i]) * h[width + i] for i in range(width)] if spec.gated else [act(v) for v in h]
+        return w_out.double() @ torch.tensor(inner, dtype=torch.float64)
+
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        row = x[t].double()
+        for j in range(spec.top_k):
+            e = int(topk_ids[t, j])
+            y[t] += float(topk_weights[t, j]) * expert(row, weights.w_in[e], weights.w_out[e], f)
+        for s in range(spec.num_shared_experts):
+            fs = spec.shared_intermediate_size
+            y[t] += expert(row, weights.shared_w_in[s], weights.shared_w_out[s], fs)
+    return y
