@@ -1,0 +1,254 @@
+"""Presenting results: the JSON record of a row, the Rich table, atomic JSON and CSV files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from moecap_kernels import __version__
+from moecap_kernels.runner import RowResult
+
+SCHEMA_VERSION = 1
+
+
+def record(row: RowResult) -> dict[str, Any]:
+    """One entry of the JSON ``results`` list (schema documented in the README)."""
+    counts, util, peaks = row.counts, row.util, row.peaks
+    entry: dict[str, Any] = {
+        "model": row.spec.name,
+        "backend": row.backend,
+        "device": row.device.name,
+        "device_kind": row.device.kind,
+        "dtype": row.spec.act_dtype,
+        "phase": row.scenario.phase,
+        "batch": row.scenario.batch,
+        "seq_len": row.scenario.seq_len if row.scenario.phase == "prefill" else None,
+        "tokens": row.tokens,
+        "routing": row.routing,
+        "spec": row.spec.to_dict(),
+        "counts": {
+            "tokens_per_expert": list(counts.tokens_per_expert),
+            "activated_experts": counts.activated_experts,
+            "routed_pairs": counts.routed_pairs,
+            "counter_impl": row.counter_impl,
+        },
+        "bytes": row.bytes.to_dict(),
+        "flops": row.flops.to_dict(),
+        "time_s": row.time.to_dict(),
+        "tokens_per_s": row.tokens / row.time.median,
+        "cache_flushed": row.cache_flushed,
+        "peak": {
+            "bandwidth_bytes_per_s": peaks.bandwidth_bytes_per_s,
+            "flops_per_s": peaks.flops_per_s,
+            "source": peaks.source,
+            "bandwidth_source": peaks.bandwidth_source,
+            "flops_source": peaks.flops_source,
+        },
+        "s_mbu": util.s_mbu,
+        "s_mfu": util.s_mfu,
+        "mbu_dense": util.mbu_dense,
+        "mfu_dense": util.mfu_dense,
+        "arithmetic_intensity": util.arithmetic_intensity,
+        "ridge_point": util.ridge_point,
+        "bound": util.bound,
+        "roofline_time_s": util.roofline_time_s,
+        "load_imbalance": row.imbalance,
+        "accuracy": {"rel_error": row.rel_error, "reference": "float64"},
+    }
+    entry.update(row.extras)
+    return entry
+
+
+def document(rows: Sequence[RowResult], command: str) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": f"moecap_kernels {__version__}",
+        "command": command,
+        "results": [record(r) for r in rows],
+    }
+
+
+# --- files ---------------------------------------------------------------------------------
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never half."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_json(rows: Sequence[RowResult], command: str) -> str:
+    return json.dumps(document(rows, command), indent=2) + "\n"
+
+
+CSV_COLUMNS = (
+    "model",
+    "backend",
+    "device",
+    "dtype",
+    "phase",
+    "batch",
+    "seq_len",
+    "tokens",
+    "routing",
+    "time_s.median",
+    "time_s.p10",
+    "time_s.p90",
+    "tokens_per_s",
+    "counts.activated_experts",
+    "counts.routed_pairs",
+    "bytes.compulsory",
+    "bytes.dense",
+    "flops.useful",
+    "flops.dense",
+    "s_mbu",
+    "s_mfu",
+    "mbu_dense",
+    "mfu_dense",
+    "arithmetic_intensity",
+    "bound",
+    "load_imbalance",
+    "accuracy.rel_error",
+    "peak.bandwidth_bytes_per_s",
+    "peak.flops_per_s",
+    "peak.source",
+)
+
+
+def _lookup(entry: dict[str, Any], dotted: str) -> Any:
+    for key in dotted.split("."):
+        entry = entry.get(key) if isinstance(entry, dict) else None
+    return entry
+
+
+def to_csv(rows: Sequence[RowResult]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(CSV_COLUMNS)
+    for row in rows:
+        entry = record(row)
+        writer.writerow(["" if (v := _lookup(entry, c)) is None else v for c in CSV_COLUMNS])
+    return buffer.getvalue()
+
+
+# --- terminal ------------------------------------------------------------------------------
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def human_flops(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T", "P"):
+        if abs(n) < 1000 or unit == "P":
+            return f"{n:.1f} {unit}FLOP"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def human_time(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.1f} µs"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _span(low: float, high: float) -> str:
+    scale, unit = (1.0, "s") if high >= 1 else (1e3, "ms") if high >= 1e-3 else (1e6, "µs")
+    return f"{low * scale:.3g}–{high * scale:.3g} {unit}"
+
+
+COLUMNS = (
+    "T", "backend", "time p50", "p10–p90", "tok/s", "experts", "bytes", "FLOPs", "S-MBU", "MBU",
+    "S-MFU", "MFU", "AI", "bound", "imbal.", "rel. err",
+)  # fmt: skip
+
+
+def results_table(rows: Sequence[RowResult]) -> Table:
+    """One row per (scenario, backend); the layer, dtype, device and routing go in the title."""
+    first = rows[0]
+    phases = ", ".join(dict.fromkeys(r.scenario.phase for r in rows))
+    title = " · ".join((first.spec.name, phases, first.spec.act_dtype, first.device.name, f"routing {first.routing}"))
+    table = Table(
+        title=title,
+        title_style="bold",
+        header_style="bold",
+    )
+    for name in COLUMNS:
+        table.add_column(name, justify="left" if name in ("backend", "bound") else "right", no_wrap=True)
+    for r in rows:
+        t, u = r.time, r.util
+        table.add_row(
+            str(r.tokens),
+            r.backend,
+            human_time(t.median),
+            _span(t.p10, t.p90),
+            f"{r.tokens / t.median:,.0f}",
+            f"{r.counts.activated_experts}/{r.spec.num_experts}",
+            human_bytes(r.bytes.compulsory),
+            human_flops(r.flops.useful),
+            _pct(u.s_mbu),
+            _pct(u.mbu_dense),
+            _pct(u.s_mfu),
+            _pct(u.mfu_dense),
+            f"{u.arithmetic_intensity:.1f}",
+            u.bound,
+            f"{r.imbalance:.2f}",
+            "—" if r.rel_error is None else f"{r.rel_error:.1e}",
+        )
+    return table
+
+
+def denominators_note(rows: Sequence[RowResult]) -> str:
+    """What the ratios are ratios of: the peaks used, with their sources, and cache handling."""
+    p = rows[0].peaks
+    flushed = {r.cache_flushed for r in rows}
+    cache = (
+        "cache flushed between repetitions"
+        if flushed == {True}
+        else "working set larger than 4× the last-level cache: no flush"
+        if flushed == {False}
+        else "cache flushed between repetitions where the working set is below 4× the last-level cache"
+    )
+    return (
+        f"S-MBU, MBU: ÷ {human_bytes(p.bandwidth_bytes_per_s)}/s ({p.bandwidth_source}).  "
+        f"S-MFU, MFU: ÷ {human_flops(p.flops_per_s)}/s {p.dtype} ({p.flops_source}).  "
+        f"Ridge point {rows[0].util.ridge_point:.1f} FLOP/byte.  Timing: {rows[0].time.method}, "
+        f"median of {len(rows[0].time.samples_s)} reps; {cache}.  Counts: {rows[0].counter_impl}."
+    )
+
+
+def print_report(rows: Sequence[RowResult], console: Console) -> None:
+    if not rows:
+        console.print("no results")
+        return
+    console.print(results_table(rows))
+    console.print(denominators_note(rows), style="dim")

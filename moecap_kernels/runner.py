@@ -1,0 +1,253 @@
+"""Runs a profile: for each scenario and backend, time the layer, count its routing, check its accuracy.
+
+Data flows one way: spec → routing → backend run (timed) + counters → metrics → RowResult.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from moecap_kernels.backends import get_backend
+from moecap_kernels.counters import CountAccumulator, Counts
+from moecap_kernels.dtypes import torch_dtype
+from moecap_kernels.errors import UserError
+from moecap_kernels.hardware import DeviceInfo, Peaks
+from moecap_kernels.metrics import Traffic, Utilization, Work, load_imbalance, traffic, utilization, work
+from moecap_kernels.nvtx import nvtx_range
+from moecap_kernels.reference import reference_forward, relative_error
+from moecap_kernels.routing import RoutingChoice, load_trace, route, router_scores, synthetic_ids
+from moecap_kernels.spec import MoESpec
+from moecap_kernels.timing import CacheFlusher, TimingStats, time_region
+from moecap_kernels.weights import MoEWeights, random_weights
+
+INPUT_COPIES = 4  # activations rotate through this many buffers holding the same values
+FLUSH_BELOW_LLC_MULTIPLE = 4  # flush the cache between reps when the working set is below 4× LLC
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One point of a sweep: decode (T = batch) or prefill (T = batch × seq_len)."""
+
+    phase: str
+    batch: int
+    seq_len: int = 1
+
+    @property
+    def tokens(self) -> int:
+        return self.batch if self.phase == "decode" else self.batch * self.seq_len
+
+
+@dataclass(frozen=True)
+class ProfileRequest:
+    spec: MoESpec
+    scenarios: tuple[Scenario, ...]
+    backends: tuple[str, ...]
+    routing: RoutingChoice
+    device: torch.device
+    seed: int = 0
+    warmup: int = 3
+    reps: int = 20
+    check_accuracy: bool = True
+
+
+@dataclass(frozen=True)
+class RowResult:
+    """Everything measured for one (scenario, backend)."""
+
+    spec: MoESpec
+    scenario: Scenario
+    tokens: int
+    backend: str
+    device: DeviceInfo
+    routing: str
+    counts: Counts  # per forward
+    bytes: Traffic
+    flops: Work
+    time: TimingStats
+    peaks: Peaks
+    util: Utilization
+    rel_error: float | None
+    cache_flushed: bool
+    counter_impl: str
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def imbalance(self) -> float:
+        return load_imbalance(self.counts.tokens_per_expert)
+
+
+def estimate_memory_bytes(spec: MoESpec, tokens: int, check_accuracy: bool) -> int:
+    """Upper estimate of what one row allocates: all weights, inputs, transients, the float64 reference."""
+    b_a = spec.act_bytes_per_element
+    pairs = tokens * spec.top_k
+    activations = (INPUT_COPIES + 2) * tokens * spec.hidden_size * b_a
+    transient = 3 * pairs * (spec.expert_in_rows + spec.hidden_size) * max(b_a, 4)
+    reference = 0
+    if check_accuracy:
+        largest = max(spec.params_per_expert, spec.params_per_shared_expert)
+        reference = 8 * largest + 8 * 4 * (pairs + tokens) * max(spec.expert_in_rows, spec.hidden_size)
+    return spec.total_weight_bytes + activations + transient + reference
+
+
+def check_fits(spec: MoESpec, tokens: int, info: DeviceInfo, check_accuracy: bool) -> None:
+    """Refuse, before allocating anything, a row that would not fit in the device's free memory."""
+    need = estimate_memory_bytes(spec, tokens, check_accuracy)
+    have = info.memory_available_bytes
+    if need > 0.9 * have:
+        raise UserError(
+            f"{spec.name} at {tokens} tokens needs about {need / 2**30:.1f} GiB "
+            f"(weights {spec.total_weight_bytes / 2**30:.1f} GiB) but {info.name} has "
+            f"{have / 2**30:.1f} GiB available; pick a smaller model, batch or dtype"
+        )
+
+
+def forced_ids(choice: RoutingChoice, tokens: int, spec: MoESpec, seed: int) -> torch.Tensor | None:
+    """The fixed expert ids of a synthetic or trace routing (CPU tensor), or None for the router."""
+    if choice.kind == "router":
+        return None
+    if choice.kind == "trace":
+        return load_trace(choice.path, spec)
+    return synthetic_ids(choice, tokens, spec, seed)
+
+
+def _per_forward(total: Counts, forwards: int) -> Counts:
+    """Counts of one forward, from counts summed over ``forwards`` identical forwards (exact)."""
+    if total.forwards != forwards:
+        raise RuntimeError(f"counted {total.forwards} forwards, ran {forwards}")
+
+    def one(value: int) -> int:
+        if value % forwards:
+            raise RuntimeError("routing changed between repetitions of one row")
+        return value // forwards
+
+    return Counts(
+        forwards=1,
+        tokens_per_expert=tuple(one(n) for n in total.tokens_per_expert),
+        activated_experts=one(total.activated_experts),
+        routed_pairs=one(total.routed_pairs),
+        expert_weight_bytes=one(total.expert_weight_bytes),
+        expert_flops=one(total.expert_flops),
+        invalid_ids=one(total.invalid_ids),
+    )
+
+
+class _Row:
+    """The inputs shared by every backend of one scenario: x copies, forced routing, reference."""
+
+    def __init__(self, request: ProfileRequest, weights: MoEWeights, scenario: Scenario, tokens: int) -> None:
+        spec, device = request.spec, request.device
+        gen = torch.Generator(device=device).manual_seed(request.seed + tokens)
+        x = torch.randn(tokens, spec.hidden_size, generator=gen, device=device, dtype=torch.float32)
+        self.inputs = [x.to(torch_dtype(spec.act_dtype)) for _ in range(INPUT_COPIES)]
+        forced = forced_ids(request.routing, tokens, spec, request.seed)
+        self.forced = None if forced is None else forced.to(device)
+        self.ids, self.topk_weights = route(
+            router_scores(self.inputs[0], weights.router, spec), spec, self.forced
+        )
+        self._reference: torch.Tensor | None = None
+        self._weights, self._spec = weights, spec
+
+    def reference(self) -> torch.Tensor:
+        if self._reference is None:
+            self._reference = reference_forward(
+                self.inputs[0], self._weights, self._spec, self.ids, self.topk_weights
+            )
+        return self._reference
+
+
+def _working_set_bytes(spec: MoESpec, row: _Row) -> int:
+    activated = int(torch.unique(row.ids).numel())
+    return traffic(spec, row.ids.shape[0], activated * spec.expert_weight_bytes).compulsory
+
+
+def profile_row(
+    request: ProfileRequest,
+    weights: MoEWeights,
+    row: _Row,
+    scenario: Scenario,
+    backend_name: str,
+    info: DeviceInfo,
+    peaks: Peaks,
+) -> RowResult:
+    """Time one backend on one scenario, read its counts once, and derive its metrics."""
+    spec, device = request.spec, request.device
+    backend = get_backend(backend_name)
+    backend.prepare(weights, spec)
+    counter = CountAccumulator(spec, device)
+    outputs: list[torch.Tensor] = []
+
+    def forward(i: int) -> None:
+        x = row.inputs[i % INPUT_COPIES]
+        with nvtx_range("router", device):
+            ids, topk_weights = route(router_scores(x, weights.router, spec), spec, row.forced)
+        y = backend.forward(x, weights, spec, ids, topk_weights)
+        counter.add(ids)
+        outputs[:] = [y]
+
+    flush = _working_set_bytes(spec, row) < FLUSH_BELOW_LLC_MULTIPLE * info.llc_bytes
+    timing = time_region(
+        forward,
+        device,
+        warmup=request.warmup,
+        reps=request.reps,
+        between=CacheFlusher(info.llc_bytes, device) if flush else None,
+        after_warmup=counter.reset,
+    )
+    counts = _per_forward(counter.read(), request.reps)
+    if counts.invalid_ids:
+        raise UserError(f"routing produced {counts.invalid_ids} expert ids outside [0, {spec.num_experts})")
+    tokens = row.ids.shape[0]
+    bytes_ = traffic(spec, tokens, counts.expert_weight_bytes)
+    flops = work(spec, tokens, counts.expert_flops)
+    rel_error = relative_error(outputs[0], row.reference()) if request.check_accuracy else None
+    extras = backend.report_extras() if hasattr(backend, "report_extras") else {}
+    return RowResult(
+        spec=spec,
+        scenario=scenario,
+        tokens=tokens,
+        backend=backend_name,
+        device=info,
+        routing=request.routing.describe(),
+        counts=counts,
+        bytes=bytes_,
+        flops=flops,
+        time=timing,
+        peaks=peaks,
+        util=utilization(bytes_, flops, timing.median, peaks.bandwidth_bytes_per_s, peaks.flops_per_s),
+        rel_error=rel_error,
+        cache_flushed=flush,
+        counter_impl=counter.implementation,
+        extras=extras,
+    )
+
+
+def scenario_tokens(request: ProfileRequest, scenario: Scenario) -> int:
+    if request.routing.kind == "trace":
+        return int(load_trace(request.routing.path, request.spec).shape[0])
+    return scenario.tokens
+
+
+def run_profile(
+    request: ProfileRequest,
+    info: DeviceInfo,
+    peaks: Peaks,
+    on_row: Callable[[RowResult], None] = lambda row: None,
+) -> list[RowResult]:
+    """Every (scenario, backend) of ``request``, in order; ``on_row`` is called after each."""
+    spec = request.spec
+    tokens_per = [scenario_tokens(request, s) for s in request.scenarios]
+    for tokens in tokens_per:
+        check_fits(spec, tokens, info, request.check_accuracy)
+    weights = random_weights(spec, request.device, seed=request.seed)
+    results = []
+    for scenario, tokens in zip(request.scenarios, tokens_per, strict=True):
+        row = _Row(request, weights, scenario, tokens)
+        for name in request.backends:
+            result = profile_row(request, weights, row, scenario, name, info, peaks)
+            results.append(result)
+            on_row(result)
+    return results
