@@ -196,7 +196,9 @@ def results_table(rows: Sequence[RowResult]) -> Table:
     """One row per (scenario, backend); the layer, dtype, device and routing go in the title."""
     first = rows[0]
     phases = ", ".join(dict.fromkeys(r.scenario.phase for r in rows))
-    title = " · ".join((first.spec.name, phases, first.spec.act_dtype, first.device.name, f"routing {first.routing}"))
+    title = " · ".join(
+        (first.spec.name, phases, first.spec.act_dtype, first.device.name, f"routing {first.routing}")
+    )
     table = Table(
         title=title,
         title_style="bold",
