@@ -135,7 +135,7 @@ def _per_forward(total: Counts, forwards: int) -> Counts:
     )
 
 
-class _Row:
+class Row:
     """The inputs shared by every backend of one scenario: x copies, forced routing, reference."""
 
     def __init__(self, request: ProfileRequest, weights: MoEWeights, scenario: Scenario, tokens: int) -> None:
@@ -159,70 +159,103 @@ class _Row:
         return self._reference
 
 
-def _working_set_bytes(spec: MoESpec, row: _Row) -> int:
+def _working_set_bytes(spec: MoESpec, row: Row) -> int:
     activated = int(torch.unique(row.ids).numel())
     return traffic(spec, row.ids.shape[0], activated * spec.expert_weight_bytes).compulsory
+
+
+class BackendRun:
+    """One backend on one scenario's inputs: call it with a repetition index to run one forward.
+
+    Each call is the measured region: router, experts and combine, and (when ``count``) the
+    device-side counting of its routed pairs. ``finish`` reads the counts once and builds the row.
+    """
+
+    def __init__(
+        self, request: ProfileRequest, weights: MoEWeights, row: Row, backend_name: str, count: bool = True
+    ) -> None:
+        self.request, self.weights, self.row, self.name = request, weights, row, backend_name
+        self.backend = get_backend(backend_name)
+        self.backend.prepare(weights, request.spec)
+        self.counter = CountAccumulator(request.spec, request.device) if count else None
+        self.output: torch.Tensor | None = None
+
+    def __call__(self, i: int) -> None:
+        spec, device, weights = self.request.spec, self.request.device, self.weights
+        x = self.row.inputs[i % INPUT_COPIES]
+        with nvtx_range("router", device):
+            ids, topk_weights = route(router_scores(x, weights.router, spec), spec, self.row.forced)
+        self.output = self.backend.forward(x, weights, spec, ids, topk_weights)
+        if self.counter is not None:
+            self.counter.add(ids)
+
+    def reset_counts(self) -> None:
+        if self.counter is not None:
+            self.counter.reset()
+
+    def finish(
+        self, scenario: Scenario, timing: TimingStats, info: DeviceInfo, peaks: Peaks, cache_flushed: bool
+    ) -> RowResult:
+        """Read the counts (one host sync) and derive bytes, FLOPs, utilization and accuracy."""
+        spec = self.request.spec
+        if self.counter is None:
+            raise RuntimeError("a run without counters has no metrics")
+        counts = _per_forward(self.counter.read(), len(timing.samples_s))
+        if counts.invalid_ids:
+            raise UserError(
+                f"routing produced {counts.invalid_ids} expert ids outside [0, {spec.num_experts})"
+            )
+        tokens = self.row.ids.shape[0]
+        bytes_ = traffic(spec, tokens, counts.expert_weight_bytes)
+        flops = work(spec, tokens, counts.expert_flops)
+        check = self.request.check_accuracy and self.output is not None
+        extras = self.backend.report_extras() if hasattr(self.backend, "report_extras") else {}
+        return RowResult(
+            spec=spec,
+            scenario=scenario,
+            tokens=tokens,
+            backend=self.name,
+            device=info,
+            routing=self.request.routing.describe(),
+            counts=counts,
+            bytes=bytes_,
+            flops=flops,
+            time=timing,
+            peaks=peaks,
+            util=utilization(bytes_, flops, timing.median, peaks.bandwidth_bytes_per_s, peaks.flops_per_s),
+            rel_error=relative_error(self.output, self.row.reference()) if check else None,
+            cache_flushed=cache_flushed,
+            counter_impl=self.counter.implementation,
+            extras=extras,
+        )
+
+
+def needs_flush(spec: MoESpec, row: Row, info: DeviceInfo) -> bool:
+    """True when one forward's compulsory bytes are small enough that caches would flatter the time."""
+    return _working_set_bytes(spec, row) < FLUSH_BELOW_LLC_MULTIPLE * info.llc_bytes
 
 
 def profile_row(
     request: ProfileRequest,
     weights: MoEWeights,
-    row: _Row,
+    row: Row,
     scenario: Scenario,
     backend_name: str,
     info: DeviceInfo,
     peaks: Peaks,
 ) -> RowResult:
-    """Time one backend on one scenario, read its counts once, and derive its metrics."""
-    spec, device = request.spec, request.device
-    backend = get_backend(backend_name)
-    backend.prepare(weights, spec)
-    counter = CountAccumulator(spec, device)
-    outputs: list[torch.Tensor] = []
-
-    def forward(i: int) -> None:
-        x = row.inputs[i % INPUT_COPIES]
-        with nvtx_range("router", device):
-            ids, topk_weights = route(router_scores(x, weights.router, spec), spec, row.forced)
-        y = backend.forward(x, weights, spec, ids, topk_weights)
-        counter.add(ids)
-        outputs[:] = [y]
-
-    flush = _working_set_bytes(spec, row) < FLUSH_BELOW_LLC_MULTIPLE * info.llc_bytes
+    """Time one backend on one scenario (warm-up, then reps), and derive its metrics."""
+    run = BackendRun(request, weights, row, backend_name)
+    flush = needs_flush(request.spec, row, info)
     timing = time_region(
-        forward,
-        device,
+        run,
+        request.device,
         warmup=request.warmup,
         reps=request.reps,
-        between=CacheFlusher(info.llc_bytes, device) if flush else None,
-        after_warmup=counter.reset,
+        between=CacheFlusher(info.llc_bytes, request.device) if flush else None,
+        after_warmup=run.reset_counts,
     )
-    counts = _per_forward(counter.read(), request.reps)
-    if counts.invalid_ids:
-        raise UserError(f"routing produced {counts.invalid_ids} expert ids outside [0, {spec.num_experts})")
-    tokens = row.ids.shape[0]
-    bytes_ = traffic(spec, tokens, counts.expert_weight_bytes)
-    flops = work(spec, tokens, counts.expert_flops)
-    rel_error = relative_error(outputs[0], row.reference()) if request.check_accuracy else None
-    extras = backend.report_extras() if hasattr(backend, "report_extras") else {}
-    return RowResult(
-        spec=spec,
-        scenario=scenario,
-        tokens=tokens,
-        backend=backend_name,
-        device=info,
-        routing=request.routing.describe(),
-        counts=counts,
-        bytes=bytes_,
-        flops=flops,
-        time=timing,
-        peaks=peaks,
-        util=utilization(bytes_, flops, timing.median, peaks.bandwidth_bytes_per_s, peaks.flops_per_s),
-        rel_error=rel_error,
-        cache_flushed=flush,
-        counter_impl=counter.implementation,
-        extras=extras,
-    )
+    return run.finish(scenario, timing, info, peaks, flush)
 
 
 def scenario_tokens(request: ProfileRequest, scenario: Scenario) -> int:
@@ -245,7 +278,7 @@ def run_profile(
     weights = random_weights(spec, request.device, seed=request.seed)
     results = []
     for scenario, tokens in zip(request.scenarios, tokens_per, strict=True):
-        row = _Row(request, weights, scenario, tokens)
+        row = Row(request, weights, scenario, tokens)
         for name in request.backends:
             result = profile_row(request, weights, row, scenario, name, info, peaks)
             results.append(result)

@@ -8,7 +8,8 @@ last one; on a CPU each repetition is timed with perf_counter. An optional ``bet
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,44 +64,74 @@ def time_region(
     ``after_warmup`` runs once between the warm-up and the measured repetitions (to reset
     counters, say).
     """
+    hooks = [after_warmup] if after_warmup is not None else []
+    return time_interleaved([run], device, warmup=warmup, reps=reps, between=between, after_warmup=hooks)[0]
+
+
+def time_interleaved(
+    runs: Sequence[Callable[[int], object]],
+    device: torch.device,
+    *,
+    warmup: int,
+    reps: int,
+    between: Callable[[], None] | None = None,
+    after_warmup: Sequence[Callable[[], None]] = (),
+) -> list[TimingStats]:
+    """Time several runs in turn (A B C A B C …) so drift of the machine hits them all alike."""
     if reps < 1:
         raise ValueError("reps must be >= 1")
     for i in range(warmup):
-        run(i)
-    if after_warmup is not None:
-        after_warmup()
+        for run in runs:
+            run(i)
+    for hook in after_warmup:
+        hook()
     _synchronize(device)
-    if device.type == "cuda":
-        return _time_cuda(run, device, reps, between)
-    return _time_host(run, reps, between)
-
-
-def _time_cuda(
-    run: Callable[[int], object], device: torch.device, reps: int, between: Callable[[], None] | None
-) -> TimingStats:
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    clock = _CudaClock(device) if device.type == "cuda" else _HostClock()
     for i in range(reps):
-        if between is not None:
-            between()
-        starts[i].record()
-        run(i)
-        ends[i].record()
-    torch.cuda.synchronize(device)
-    return TimingStats(
-        tuple(s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends, strict=True)), "cuda-events"
-    )
+        for j, run in enumerate(runs):
+            if between is not None:
+                between()
+            with clock.measure(j):
+                run(i)
+    return [TimingStats(tuple(samples), clock.method) for samples in clock.seconds(len(runs))]
 
 
-def _time_host(run: Callable[[int], object], reps: int, between: Callable[[], None] | None) -> TimingStats:
-    samples = []
-    for i in range(reps):
-        if between is not None:
-            between()
+class _HostClock:
+    method = "perf_counter"
+
+    def __init__(self) -> None:
+        self._samples: dict[int, list[float]] = {}
+
+    @contextmanager
+    def measure(self, key: int) -> Iterator[None]:
         start = time.perf_counter()
-        run(i)
-        samples.append(time.perf_counter() - start)
-    return TimingStats(tuple(samples), "perf_counter")
+        yield
+        self._samples.setdefault(key, []).append(time.perf_counter() - start)
+
+    def seconds(self, n: int) -> list[list[float]]:
+        return [self._samples[k] for k in range(n)]
+
+
+class _CudaClock:
+    """Events around each region; elapsed times are read after one synchronisation at the end."""
+
+    method = "cuda-events"
+
+    def __init__(self, device: torch.device) -> None:
+        self._device = device
+        self._events: dict[int, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {}
+
+    @contextmanager
+    def measure(self, key: int) -> Iterator[None]:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self._events.setdefault(key, []).append((start, end))
+
+    def seconds(self, n: int) -> list[list[float]]:
+        torch.cuda.synchronize(self._device)
+        return [[s.elapsed_time(e) / 1e3 for s, e in self._events[k]] for k in range(n)]
 
 
 class CacheFlusher:
