@@ -1,0 +1,284 @@
+"""Side-by-side comparison of every available backend on the same layers, against the roofline.
+
+For each layer and scenario, all backends run on the same weights, inputs and routing, in one
+process, interleaved (A B C A B C …) so drift of the machine hits them alike. The denominators
+are this machine's measured ceilings (calibrated in the same run, and themselves checked against
+plain torch / numpy reductions and copies and a large torch.matmul). Also measured: what the
+device-side counting costs (the best backend with counters on vs off, interleaved).
+
+    python benchmarks/compare.py            # full: 4 layers, decode 1–64, prefill 512 and 2048
+    python benchmarks/compare.py --quick    # 2 layers, fewer scenarios and repetitions
+
+Writes benchmarks/results/compare-<date>-<device>.md and .json (atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import re
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from moecap_kernels import hardware
+from moecap_kernels._ext import extension_status
+from moecap_kernels.backends import backend_names, get_backend
+from moecap_kernels.dtypes import torch_dtype
+from moecap_kernels.report import human_bytes, write_atomic
+from moecap_kernels.routing import RoutingChoice
+from moecap_kernels.runner import BackendRun, ProfileRequest, Row, Scenario, needs_flush
+from moecap_kernels.spec import MoESpec, load_preset
+from moecap_kernels.timing import CacheFlusher, time_interleaved
+from moecap_kernels.weights import random_weights
+
+FULL_MODELS = ("mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b", "deepseek-v2-lite")
+QUICK_MODELS = ("qwen3-30b-a3b", "olmoe-1b-7b")
+FULL_SCENARIOS = (
+    *(Scenario("decode", b) for b in (1, 2, 4, 8, 16, 32, 64)),
+    Scenario("prefill", 1, 512),
+    Scenario("prefill", 1, 2048),
+)
+QUICK_SCENARIOS = (
+    Scenario("decode", 1),
+    Scenario("decode", 4),
+    Scenario("decode", 32),
+    Scenario("prefill", 1, 512),
+)
+OVERHEAD_SUFFIX = " (no counters)"
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One backend in one scenario."""
+
+    model: str
+    phase: str
+    tokens: int
+    backend: str
+    median_s: float
+    p10_s: float
+    p90_s: float
+    compulsory_bytes: int
+    useful_flops: int
+    s_mbu: float
+    s_mfu: float
+    roofline_s: float
+    speedup_vs_loop: float | None
+    counting_overhead: float | None  # median(on) / median(off) − 1, for the best backend only
+
+
+# --- ceilings and their cross-checks -------------------------------------------------------------
+
+
+def _best_of(fn, reps: int) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def ceiling_checks(calibration: hardware.Calibration, dtype: str) -> dict[str, Any]:
+    """The calibration's figures beside plain large reductions, copies and a big matmul (CPU)."""
+    n_bytes = 1 << 30
+    t = torch.ones(n_bytes // 4)
+    t_dst = torch.empty_like(t)
+    a = np.ones(n_bytes // 4, dtype=np.float32)
+    a_dst = np.empty_like(a)
+    figures = {
+        "torch sum 1 GiB": n_bytes / _best_of(t.sum, 5),
+        "torch copy 1 GiB (r+w)": 2 * n_bytes / _best_of(lambda: t_dst.copy_(t), 5),
+        "numpy sum 1 GiB": n_bytes / _best_of(a.sum, 5),
+        "numpy copy 1 GiB (r+w)": 2 * n_bytes / _best_of(lambda: np.copyto(a_dst, a), 5),
+    }
+    size = 4096
+    x = torch.randn(size, size).to(torch_dtype(dtype))
+    y = torch.randn(size, size).to(torch_dtype(dtype))
+    matmul = 2 * size**3 / _best_of(lambda: x @ y, 3)
+    bandwidth = calibration.read_bandwidth_bytes_per_s
+    peak = calibration.gemm_flops_per_s[dtype]
+    return {
+        "calibrated_read_bandwidth": bandwidth,
+        "calibrated_gemm_flops": peak,
+        "bandwidth_checks": {
+            k: {"bytes_per_s": v, "ratio_to_calibrated": v / bandwidth} for k, v in figures.items()
+        },
+        "gemm_check": {f"torch.matmul {size}³ {dtype}": matmul, "ratio_to_calibrated": matmul / peak},
+    }
+
+
+# --- one layer -----------------------------------------------------------------------------------
+
+
+def compare_layer(
+    spec: MoESpec,
+    scenarios: tuple[Scenario, ...],
+    backends: tuple[str, ...],
+    device: torch.device,
+    info: hardware.DeviceInfo,
+    peaks: hardware.Peaks,
+    reps: dict[str, int],
+    console: Console,
+) -> list[Measured]:
+    weights = random_weights(spec, device, seed=0)
+    rows = []
+    for scenario in scenarios:
+        request = ProfileRequest(
+            spec=spec,
+            scenarios=(scenario,),
+            backends=backends,
+            routing=RoutingChoice("router"),
+            device=device,
+            warmup=1 if scenario.phase == "prefill" else 2,
+            reps=reps[scenario.phase],
+            check_accuracy=False,
+        )
+        row = Row(request, weights, scenario, scenario.tokens)
+        runs = [BackendRun(request, weights, row, name) for name in backends]
+        best_guess = backends[-1]  # measured below; the overhead pair uses the last (fastest-intended) one
+        runs.append(BackendRun(request, weights, row, best_guess, count=False))
+        flush = needs_flush(spec, row, info)
+        timings = time_interleaved(
+            runs,
+            device,
+            warmup=request.warmup,
+            reps=request.reps,
+            between=CacheFlusher(info.llc_bytes, device) if flush else None,
+            after_warmup=[run.reset_counts for run in runs],
+        )
+        results = [
+            run.finish(scenario, timing, info, peaks, flush)
+            for run, timing in zip(runs[:-1], timings[:-1], strict=True)
+        ]
+        loop_time = next((r.time.median for r in results if r.backend == "loop"), None)
+        overhead = timings[len(backends) - 1].median / timings[-1].median - 1
+        for r in results:
+            rows.append(
+                Measured(
+                    model=spec.name,
+                    phase=scenario.phase,
+                    tokens=r.tokens,
+                    backend=r.backend,
+                    median_s=r.time.median,
+                    p10_s=r.time.p10,
+                    p90_s=r.time.p90,
+                    compulsory_bytes=r.bytes.compulsory,
+                    useful_flops=r.flops.useful,
+                    s_mbu=r.util.s_mbu,
+                    s_mfu=r.util.s_mfu,
+                    roofline_s=r.util.roofline_time_s,
+                    speedup_vs_loop=None if loop_time is None else loop_time / r.time.median,
+                    counting_overhead=overhead if r.backend == best_guess else None,
+                )
+            )
+        best = min(results, key=lambda r: r.time.median)
+        console.print(
+            f"  {spec.name} {scenario.phase} T={row.ids.shape[0]}: best {best.backend} "
+            f"{best.time.median * 1e3:.2f} ms, S-MBU {best.util.s_mbu:.2f}, S-MFU {best.util.s_mfu:.2f}"
+        )
+    del weights
+    return rows
+
+
+# --- output --------------------------------------------------------------------------------------
+
+
+def markdown(rows: list[Measured], checks: dict[str, Any], header: dict[str, str]) -> str:
+    lines = [f"# Backend comparison — {header['device']}", ""]
+    lines += [f"- {k}: {v}" for k, v in header.items()]
+    bw, peak = checks["calibrated_read_bandwidth"], checks["calibrated_gemm_flops"]
+    lines += [
+        "",
+        f"Denominators (measured in this run): read bandwidth {human_bytes(bw)}/s, "
+        f"{header['dtype']} GEMM {peak / 1e9:.0f} GFLOP/s.",
+        "",
+        "| ceiling check | figure | ratio to calibrated |",
+        "| --- | --- | --- |",
+    ]
+    for name, v in checks["bandwidth_checks"].items():
+        lines.append(f"| {name} | {human_bytes(v['bytes_per_s'])}/s | {v['ratio_to_calibrated']:.2f} |")
+    (gemm_name, gemm_value), (_, ratio) = list(checks["gemm_check"].items())
+    lines += [f"| {gemm_name} | {gemm_value / 1e9:.0f} GFLOP/s | {ratio:.2f} |", ""]
+    lines += [
+        "| model | phase | T | backend | median | p10–p90 | S-MBU | S-MFU | vs loop | roofline | × roofline "
+        "| counting overhead |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        speedup = "—" if r.speedup_vs_loop is None else f"{r.speedup_vs_loop:.2f}×"
+        overhead = "" if r.counting_overhead is None else f"{100 * r.counting_overhead:+.1f}%"
+        lines.append(
+            f"| {r.model} | {r.phase} | {r.tokens} | {r.backend} | {r.median_s * 1e3:.2f} ms "
+            f"| {r.p10_s * 1e3:.2f}–{r.p90_s * 1e3:.2f} | {r.s_mbu:.2f} | {r.s_mfu:.2f} | {speedup} "
+            f"| {r.roofline_s * 1e3:.2f} ms | {r.median_s / r.roofline_s:.2f} | {overhead} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 layers, fewer scenarios (under 2 minutes)")
+    parser.add_argument("--models", help="comma list of presets (default: 4 layers, or 2 with --quick)")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args(argv)
+    console = Console()
+    device = torch.device(args.device)
+    started = time.perf_counter()
+    info = hardware.detect_device(device)
+    calibration = hardware.calibrate(device, [args.dtype], force=True)
+    peaks = hardware.resolve_peaks(
+        info, args.dtype, calibration=calibration, peak_bandwidth=None, peak_flops=None, prefer_measured=True
+    )
+    checks = ceiling_checks(calibration, args.dtype) if device.type == "cpu" else {}
+    models = args.models.split(",") if args.models else (QUICK_MODELS if args.quick else FULL_MODELS)
+    scenarios = QUICK_SCENARIOS if args.quick else FULL_SCENARIOS
+    reps = {"decode": 6, "prefill": 2} if args.quick else {"decode": 12, "prefill": 3}
+    dtype = torch_dtype(args.dtype)
+    backends = tuple(n for n in backend_names() if get_backend(n).availability(device, dtype) is None)
+    # loop first (the baseline), the most specialised backend last (it gets the overhead pair)
+    backends = tuple(
+        sorted(backends, key=lambda n: ("loop", "grouped").index(n) if n in ("loop", "grouped") else 2)
+    )
+    rows: list[Measured] = []
+    for name in models:
+        console.print(f"[bold]{name}[/bold] ({', '.join(backends)})")
+        rows += compare_layer(
+            load_preset(name).with_dtype(args.dtype), scenarios, backends, device, info, peaks, reps, console
+        )
+    date = dt.date.today().isoformat()
+    header = {
+        "date": date,
+        "device": info.name,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "dtype": args.dtype,
+        "counting": extension_status(),
+        "command": "python benchmarks/compare.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "wall time": f"{time.perf_counter() - started:.0f} s",
+    }
+    slug = re.sub(r"[^a-z0-9]+", "-", info.name.lower()).strip("-")
+    stem = Path(args.out) / f"compare-{date}-{slug}{'-quick' if args.quick else ''}"
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    text = markdown(rows, checks, header)
+    write_atomic(stem.with_suffix(".md"), text)
+    doc = {"header": header, "ceilings": checks, "rows": [r.__dict__ for r in rows]}
+    write_atomic(stem.with_suffix(".json"), json.dumps(doc, indent=2) + "\n")
+    print(text)
+    console.print(f"[dim]wrote {stem}.md and .json[/dim]")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
