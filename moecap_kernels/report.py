@@ -190,6 +190,8 @@ COLUMNS = (
     "T", "backend", "time p50", "p10–p90", "tok/s", "experts", "bytes", "FLOPs", "S-MBU", "MBU",
     "S-MFU", "MFU", "AI", "bound", "imbal.", "rel. err",
 )  # fmt: skip
+# Instrumented kernels only: executed / useful expert FLOPs, issued / compulsory expert weight bytes.
+KERNEL_COLUMNS = ("pad. waste", "load amp.")
 
 
 def results_table(rows: Sequence[RowResult]) -> Table:
@@ -204,10 +206,17 @@ def results_table(rows: Sequence[RowResult]) -> Table:
         title_style="bold",
         header_style="bold",
     )
-    for name in COLUMNS:
+    kernel_columns = any("kernel" in r.extras for r in rows)
+    for name in COLUMNS + (KERNEL_COLUMNS if kernel_columns else ()):
         table.add_column(name, justify="left" if name in ("backend", "bound") else "right", no_wrap=True)
     for r in rows:
         t, u = r.time, r.util
+        kernel = r.extras.get("kernel")
+        kernel_cells = (
+            (f"{kernel['padding_waste']:.2f}×", f"{kernel['load_amplification']:.2f}×")
+            if kernel
+            else ("—", "—")
+        )
         table.add_row(
             str(r.tokens),
             r.backend,
@@ -225,6 +234,7 @@ def results_table(rows: Sequence[RowResult]) -> Table:
             u.bound,
             f"{r.imbalance:.2f}",
             "—" if r.rel_error is None else f"{r.rel_error:.1e}",
+            *(kernel_cells if kernel_columns else ()),
         )
     return table
 

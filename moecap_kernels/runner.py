@@ -209,7 +209,17 @@ class BackendRun:
         bytes_ = traffic(spec, tokens, counts.expert_weight_bytes)
         flops = work(spec, tokens, counts.expert_flops)
         check = self.request.check_accuracy and self.output is not None
-        extras = self.backend.report_extras() if hasattr(self.backend, "report_extras") else {}
+        extras = {}
+        kernel = self.backend.kernel_counters(
+            self.row.inputs[0], self.weights, spec, self.row.ids, self.row.topk_weights
+        )
+        if kernel is not None:
+            extras["kernel"] = {
+                **kernel,
+                "padding_waste": kernel["executed_flops"] / (flops.experts + flops.shared),
+                "load_amplification": kernel["issued_weight_bytes"]
+                / (bytes_.expert_weights + bytes_.shared_weights),
+            }
         return RowResult(
             spec=spec,
             scenario=scenario,

@@ -30,7 +30,7 @@ def op() -> Callable[[torch.Tensor, int, int], Aligned]:
 def _torch_align() -> Callable[[torch.Tensor, int, int], Aligned] | None:
     """align.py's align_tokens as a (sorted, blocks, num_padded) function, or None if not importable."""
     try:
-        from moecap_kernels.kernels.align import align_tokens
+        from moecap_kernels.kernels.align import align_tokens_torch as align_tokens
     except Exception:  # not written yet, or broken: the comparison is skipped
         return None
 

@@ -178,3 +178,29 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith("moecap: error:") and needle in lines[0], err
+
+
+def test_triton_refused_without_gpu_or_interpreter(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    code, _, err = run_cli(capsys, "--config", str(tiny_config(tmp_path / "m")), "--backend", "triton", *FAST)
+    assert code == 2 and "TRITON_INTERPRET=1" in err
+
+
+def test_triton_kernel_counters_in_json(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    out_json = tmp_path / "out.json"
+    code, out, err = run_cli(
+        capsys, "--config", str(tiny_config(tmp_path / "m", hidden=32, inter=32)), "--dtype", "float16",
+        "--backend", "triton", "--batch", "5", "--json", str(out_json), *FAST,
+    )  # fmt: skip
+    assert code == 0, err
+    (r,) = json.loads(out_json.read_text())["results"]
+    kernel, per_expert = r["kernel"], r["counts"]["tokens_per_expert"]
+    block = kernel["block_m"]
+    padded = sum(-(-n // block) * block for n in per_expert)
+    assert kernel["padded_rows"] == padded - r["counts"]["routed_pairs"]
+    p_e_bytes = 3 * 32 * 32 * 2
+    assert kernel["issued_weight_bytes"] == sum(-(-n // block) for n in per_expert) * p_e_bytes
+    assert kernel["padding_waste"] == kernel["executed_flops"] / r["flops"]["experts"]
+    assert r["accuracy"]["rel_error"] < 1e-2
+    assert "pad. waste" in out

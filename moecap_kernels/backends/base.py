@@ -49,6 +49,20 @@ class Backend(ABC):
     def prepare(self, weights: MoEWeights, spec: MoESpec) -> None:  # noqa: B027 (optional hook)
         """One-time work before timing (layout changes, autotuning); default: nothing."""
 
+    def kernel_counters(
+        self,
+        x: torch.Tensor,
+        weights: MoEWeights,
+        spec: MoESpec,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+    ) -> dict[str, int] | None:
+        """The work the kernels themselves counted in one (untimed) forward; None if not instrumented.
+
+        Keys: ``block_m``, ``padded_rows``, ``executed_flops``, ``issued_weight_bytes``.
+        """
+        return None
+
     @abstractmethod
     def forward(
         self,

@@ -1,0 +1,143 @@
+"""``triton``: fused grouped GEMM kernels over expert-sorted, block-padded rows (kernels/).
+
+Per forward: one alignment (sort by expert, pad each expert to a multiple of BLOCK_M), one
+gate/up launch for every expert with act(gate)·up fused, one down launch with the routing weight
+and the combine fused (float atomics, or per-pair rows plus a fixed-order reduction when
+``deterministic``). Shared experts run through the same two kernels as S extra experts that every
+token is routed to with weight 1 (a second pair of launches, since their F may differ). No host
+synchronisation anywhere in the forward.
+
+Options (attributes): ``count`` compiles in the kernels' own counters (padded rows, executed
+FLOPs, issued weight bytes; see :meth:`read_kernel_counters`), ``deterministic`` picks the
+reproducible combine, ``config`` forces launch parameters (else tuned file or heuristic; the last
+one used is ``last_config``, whose ``source`` says which).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+import torch
+
+from moecap_kernels.backends import register
+from moecap_kernels.backends.base import Backend
+from moecap_kernels.nvtx import nvtx_range
+from moecap_kernels.spec import MoESpec
+from moecap_kernels.weights import MoEWeights
+
+COUNTER_FIELDS = ("padded_rows", "executed_flops", "issued_weight_bytes")
+
+
+@register("triton")
+class TritonBackend(Backend):
+    description = "Triton grouped GEMMs: fused gate/up+act, down with fused weighting and combine"
+
+    def __init__(self, count: bool = False, deterministic: bool = False, config: Any = None) -> None:
+        self.count = count
+        self.deterministic = deterministic
+        self.config = config  # a kernels.configs.KernelConfig, or None to choose per layer
+        self.last_config: Any = None
+        self._counters: torch.Tensor | None = None
+
+    def availability(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        if importlib.util.find_spec("triton") is None:
+            return "the triton backend needs the triton package (pip install triton)"
+        if device.type == "cuda":
+            return None
+        if device.type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
+            return "the triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 to run (slowly) on the CPU"
+        if dtype == torch.bfloat16:
+            return (
+                "the triton interpreter computes bfloat16 dot products wrongly (triton issue 11584); "
+                "use float16 or float32 on the CPU"
+            )
+        return None
+
+    # --- kernel counters -------------------------------------------------------------
+    def _counter_buffer(self, device: torch.device) -> torch.Tensor:
+        if self._counters is None or self._counters.device != device:
+            self._counters = torch.zeros(3, dtype=torch.int64, device=device)
+        return self._counters
+
+    def reset_kernel_counters(self) -> None:
+        """Zero the in-kernel counters (they accumulate over forwards until reset)."""
+        if self._counters is not None:
+            self._counters.zero_()
+
+    def read_kernel_counters(self) -> dict[str, int | None]:
+        """The counters summed since the last reset, with the BLOCK_M they were counted at (one host sync)."""
+        values = [0, 0, 0] if self._counters is None else self._counters.tolist()
+        block_m = None if self.last_config is None else self.last_config.block_m
+        return {"block_m": block_m, **dict(zip(COUNTER_FIELDS, values, strict=True))}
+
+    def kernel_counters(
+        self,
+        x: torch.Tensor,
+        weights: MoEWeights,
+        spec: MoESpec,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+    ) -> dict[str, int | None]:
+        """One extra forward with the counting kernels compiled in; the timed ones stay uninstrumented."""
+        counting = self.count
+        self.count = True
+        try:
+            self.reset_kernel_counters()
+            self.forward(x, weights, spec, topk_ids, topk_weights)
+            return self.read_kernel_counters()
+        finally:
+            self.count = counting
+            self.reset_kernel_counters()
+
+    # --- forward -----------------------------------------------------------------------
+    def _choose_config(self, x: torch.Tensor, w_in: torch.Tensor, spec: MoESpec) -> Any:
+        from moecap_kernels.kernels.configs import get_config
+
+        if self.config is not None:
+            return self.config
+        return get_config(
+            x.shape[0],
+            spec.num_experts,
+            spec.top_k,
+            spec.hidden_size,
+            spec.intermediate_size,
+            w_in.dtype,
+            x.device,
+            spec.gated,
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        weights: MoEWeights,
+        spec: MoESpec,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        from moecap_kernels.kernels.ops import fused_experts, moe_combine
+
+        config = self._choose_config(x, weights.w_in, spec)
+        self.last_config = config
+        counters = self._counter_buffer(x.device) if self.count else None
+        xw = x if x.dtype == weights.w_in.dtype else x.to(weights.w_in.dtype)
+        options = dict(
+            gated=spec.gated, activation=spec.activation, atomic=not self.deterministic, counters=counters
+        )
+        with nvtx_range("experts", x.device):
+            routed = fused_experts(xw, weights.w_in, weights.w_out, topk_ids, topk_weights, config, **options)
+            shared = None
+            if spec.num_shared_experts:
+                num_tokens, num_shared = x.shape[0], spec.num_shared_experts
+                ids = torch.arange(num_shared, device=x.device).expand(num_tokens, num_shared)
+                ones = torch.ones((num_tokens, num_shared), dtype=torch.float32, device=x.device)
+                shared = fused_experts(
+                    xw, weights.shared_w_in, weights.shared_w_out, ids, ones, config, **options
+                )
+        with nvtx_range("combine", x.device):
+            if self.deterministic:
+                rows = routed.new_empty((0, routed.shape[1])) if shared is None else shared
+                return moe_combine(routed, rows, spec.top_k, spec.num_shared_experts, x.dtype)
+            y = routed if shared is None else routed + shared
+            return y.to(x.dtype)

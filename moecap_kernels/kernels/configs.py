@@ -1,0 +1,131 @@
+"""Block sizes for the grouped GEMM kernels: tuned JSON files when present, else a heuristic.
+
+Tuned files live in ``moecap_kernels/configs/`` and are named
+``E={num_experts},N={intermediate_size},device_name={device},dtype={dtype}.json``; each maps a
+token count M (as a string) to ``{"block_m", "block_n", "block_k", "group_m", "num_warps",
+"num_stages"}``. The entry whose M is nearest the layer's token count is used. Without a file the
+heuristic below (aimed at Hopper: H100/H200) is used, and :attr:`KernelConfig.source` says so.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from moecap_kernels.errors import UserError
+
+CONFIG_KEYS = ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages")
+# Shared memory a pipelined stage may use (H100/H200 allow 227 KiB per block; keep some headroom).
+SMEM_BUDGET_BYTES = 200 * 1024
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch parameters shared by the gate/up and down kernels of one forward."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    source: str = "explicit"
+
+    def __post_init__(self) -> None:
+        for key in ("block_m", "block_n", "block_k"):
+            value = getattr(self, key)
+            if value < 16 or value & (value - 1):
+                raise UserError(f"kernel config: {key} must be a power of two >= 16, got {value}")
+        if self.group_m < 1 or self.num_warps < 1 or self.num_stages < 1:
+            raise UserError(f"kernel config: group_m, num_warps, num_stages must be >= 1: {self}")
+
+    def as_list(self) -> list[int]:
+        """The six launch integers, in CONFIG_KEYS order (the custom ops take them as an int list)."""
+        return [getattr(self, key) for key in CONFIG_KEYS]
+
+
+def config_file_name(num_experts: int, intermediate_size: int, device_name: str, dtype: str) -> str:
+    return f"E={num_experts},N={intermediate_size},device_name={device_name},dtype={dtype}.json"
+
+
+def device_name(device: torch.device) -> str:
+    """The name used in tuned-config file names: ``NVIDIA_H200``, or ``cpu``."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).replace(" ", "_")
+    return device.type
+
+
+def _parse_table(text: str, file_name: str) -> dict[int, KernelConfig]:
+    try:
+        data = json.loads(text)
+        return {
+            int(m): KernelConfig(**{key: int(entry[key]) for key in CONFIG_KEYS},
+                                 source=f"tuned: {file_name} (M={m})")
+            for m, entry in data.items()
+        }
+    except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"tuned config {file_name}: malformed ({exc}); expected "
+                        f"{{\"M\": {{{', '.join(CONFIG_KEYS)}}}}}") from None
+
+
+@cache
+def load_tuned(file_name: str, folder: str | None = None) -> dict[int, KernelConfig] | None:
+    """The tuned table ``folder/file_name`` (default: ``moecap_kernels/configs/``), or None if absent."""
+    base = resources.files("moecap_kernels") / "configs" if folder is None else Path(folder)
+    path = base / file_name
+    if not path.is_file():
+        return None
+    return _parse_table(path.read_text(), file_name) or None
+
+
+def _pow2_at_least_16(n: int) -> int:
+    return max(16, 1 << max(0, n - 1).bit_length())
+
+
+def heuristic_config(num_tokens: int, num_experts: int, top_k: int, hidden_size: int,
+                     intermediate_size: int, elem_bytes: int, gated: bool = True) -> KernelConfig:
+    """Block sizes from the expected rows per expert (T·k/E) and the shape.
+
+    Decode (few rows per expert) is weight-bandwidth bound: a 16-row M-block wastes the least
+    padding and wide K tiles stream weights in long bursts. Prefill is compute bound: 64- or
+    128-row blocks reuse each weight tile across more rows (wgmma wants M >= 64).
+    """
+    rows_per_expert = num_tokens * top_k / num_experts
+    if rows_per_expert <= 16:
+        cfg = KernelConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=4)
+    elif rows_per_expert <= 48:
+        cfg = KernelConfig(32, 64, 128, group_m=4, num_warps=4, num_stages=4)
+    elif rows_per_expert <= 256:
+        cfg = KernelConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=4)
+    else:
+        cfg = KernelConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3)
+    if elem_bytes >= 4:
+        cfg = replace(cfg, block_k=max(16, cfg.block_k // 2))
+    # Never tile past the (power-of-two rounded) problem: small layers would only mask work away.
+    widest_n = max(intermediate_size, hidden_size)
+    cfg = replace(cfg, block_n=min(cfg.block_n, _pow2_at_least_16(widest_n)),
+                  block_k=min(cfg.block_k, _pow2_at_least_16(min(intermediate_size, hidden_size))))
+    weight_tiles = 2 if gated else 1
+    stage_bytes = (cfg.block_m * cfg.block_k + weight_tiles * cfg.block_k * cfg.block_n) * elem_bytes
+    stages = max(2, min(cfg.num_stages, SMEM_BUDGET_BYTES // stage_bytes))
+    return replace(cfg, num_stages=stages, source="heuristic")
+
+
+def get_config(num_tokens: int, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
+               dtype: torch.dtype, device: torch.device, gated: bool = True,
+               folder: str | None = None) -> KernelConfig:
+    """The tuned config nearest ``num_tokens`` if a file matches, else the heuristic (``source`` says)."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    name = config_file_name(num_experts, intermediate_size, device_name(device), dtype_name)
+    table = load_tuned(name, folder)
+    if table:
+        nearest = min(table, key=lambda m: (abs(m - num_tokens), m))
+        return table[nearest]
+    elem_bytes = torch.empty((), dtype=dtype).element_size()
+    cfg = heuristic_config(num_tokens, num_experts, top_k, hidden_size, intermediate_size, elem_bytes, gated)
+    return replace(cfg, source=f"heuristic (no tuned file {name})")

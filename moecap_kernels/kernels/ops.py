@@ -1,0 +1,227 @@
+"""The Triton launchers as torch.library custom ops, with fake impls and useful-FLOP formulas.
+
+Ops (namespace ``moecap``):
+
+- ``moe_gate_up(Tensor x, Tensor w_in, Tensor sorted_pair_ids, Tensor block_expert_ids,
+  Tensor num_padded, Tensor(a!) counters, int top_k, bool gated, str activation, SymInt[] config,
+  bool count) -> Tensor``: h [max_padded, F] in x's dtype (rows of padding left unwritten).
+- ``moe_down(Tensor h, Tensor w_out, Tensor sorted_pair_ids, Tensor block_expert_ids,
+  Tensor num_padded, Tensor topk_weights, Tensor(a!) counters, SymInt[] config, bool atomic,
+  bool count) -> Tensor``: fp32, [T, H] combined with float atomics when ``atomic``, else the
+  weighted per-pair rows [T·k, H].
+- ``moe_combine(Tensor routed, Tensor shared, int top_k, int num_shared, ScalarType out_dtype)
+  -> Tensor``: the deterministic fixed-order sum of per-pair rows into y [T, H].
+
+``config`` is :meth:`KernelConfig.as_list`. ``counters`` (int64 [3]) is only written when
+``count`` is true. The FLOP formulas count useful work only, ``2·T·k·H·F_in`` and
+``2·T·k·F·H``, whatever padding the kernels execute, so FlopCounterMode over a forward gives
+``2·T·k·P_e`` (+ the shared experts' ``2·T·S·P_s``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+from torch.utils.flop_counter import register_flop_formula
+
+from moecap_kernels.kernels.align import align_tokens
+from moecap_kernels.kernels.combine import combine_kernel
+from moecap_kernels.kernels.configs import KernelConfig
+from moecap_kernels.kernels.grouped_gemm import GELU, SILU, down_kernel, gate_up_kernel
+
+ACTIVATION_CODES = {"silu": SILU, "gelu": GELU}
+COMBINE_BLOCK_H = 256
+
+
+def _input_precision(dtype: torch.dtype) -> str | None:
+    """fp32 operands follow torch's matmul precision setting (exact unless TF32 is allowed)."""
+    if dtype != torch.float32:
+        return None
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _check_layout(sorted_pair_ids: torch.Tensor, block_expert_ids: torch.Tensor, block_m: int) -> None:
+    if sorted_pair_ids.dtype != torch.int32 or block_expert_ids.dtype != torch.int32:
+        raise ValueError("sorted_pair_ids and block_expert_ids must be int32")
+    if sorted_pair_ids.numel() != block_expert_ids.numel() * block_m:
+        raise ValueError(
+            f"layout built for another block_m: {sorted_pair_ids.numel()} rows, "
+            f"{block_expert_ids.numel()} blocks, block_m={block_m}"
+        )
+
+
+def launch_gate_up(
+    x: torch.Tensor, w_in: torch.Tensor, h: torch.Tensor, sorted_pair_ids: torch.Tensor,
+    block_expert_ids: torch.Tensor, num_padded: torch.Tensor, counters: torch.Tensor, top_k: int,
+    gated: bool, activation: str, config: list[int], count: bool,
+) -> None:
+    """Fill the routed rows of ``h`` [max_padded, F] (padding rows are left as they were)."""
+    block_m, block_n, block_k, group_m, num_warps, num_stages = config
+    _check_layout(sorted_pair_ids, block_expert_ids, block_m)
+    if x.dtype != w_in.dtype:
+        raise ValueError(f"x ({x.dtype}) and w_in ({w_in.dtype}) must share a dtype")
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATION_CODES)}, got {activation!r}")
+    hidden = x.shape[1]
+    inter = w_in.shape[1] // (2 if gated else 1)
+    num_m_blocks = block_expert_ids.numel()
+    if num_m_blocks == 0 or inter == 0:
+        return
+    grid = (num_m_blocks * triton.cdiv(inter, block_n),)
+    with _device_guard(x):
+        gate_up_kernel[grid](
+            x, w_in, h, sorted_pair_ids, block_expert_ids, num_padded, counters,
+            x.shape[0] * top_k, hidden, inter, num_m_blocks,
+            x.stride(0), x.stride(1), w_in.stride(0), w_in.stride(1), w_in.stride(2),
+            h.stride(0), h.stride(1),
+            TOP_K=top_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+            GATED=gated, ACTIVATION=ACTIVATION_CODES[activation],
+            INPUT_PRECISION=_input_precision(x.dtype), COUNT=count, W_BYTES=w_in.element_size(),
+            num_warps=num_warps, num_stages=num_stages,
+        )
+
+
+@torch.library.custom_op("moecap::moe_gate_up", mutates_args=("counters",))
+def moe_gate_up(
+    x: torch.Tensor, w_in: torch.Tensor, sorted_pair_ids: torch.Tensor, block_expert_ids: torch.Tensor,
+    num_padded: torch.Tensor, counters: torch.Tensor, top_k: int, gated: bool, activation: str,
+    config: list[int], count: bool,
+) -> torch.Tensor:
+    inter = w_in.shape[1] // (2 if gated else 1)
+    h = torch.empty((sorted_pair_ids.numel(), inter), dtype=x.dtype, device=x.device)
+    launch_gate_up(x, w_in, h, sorted_pair_ids, block_expert_ids, num_padded, counters, top_k, gated,
+                   activation, config, count)
+    return h
+
+
+@moe_gate_up.register_fake
+def _(x, w_in, sorted_pair_ids, block_expert_ids, num_padded, counters, top_k, gated, activation, config,
+      count):
+    inter = w_in.shape[1] // (2 if gated else 1)
+    return x.new_empty((sorted_pair_ids.shape[0], inter))
+
+
+def launch_down(
+    h: torch.Tensor, w_out: torch.Tensor, out: torch.Tensor, sorted_pair_ids: torch.Tensor,
+    block_expert_ids: torch.Tensor, num_padded: torch.Tensor, topk_weights: torch.Tensor,
+    counters: torch.Tensor, config: list[int], atomic: bool, count: bool,
+) -> None:
+    """Weighted down projection: atomically added into ``out`` [T, H] (fp32), or stored to its pair rows."""
+    block_m, block_n, block_k, group_m, num_warps, num_stages = config
+    _check_layout(sorted_pair_ids, block_expert_ids, block_m)
+    if h.dtype != w_out.dtype:
+        raise ValueError(f"h ({h.dtype}) and w_out ({w_out.dtype}) must share a dtype")
+    if atomic and out.dtype != torch.float32:
+        raise ValueError("the atomic combine accumulates into a float32 output")
+    num_tokens, top_k = topk_weights.shape
+    hidden, inter = w_out.shape[1], w_out.shape[2]
+    num_m_blocks = block_expert_ids.numel()
+    if num_m_blocks == 0 or hidden == 0:
+        return
+    pair_weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
+    grid = (num_m_blocks * triton.cdiv(hidden, block_n),)
+    with _device_guard(h):
+        down_kernel[grid](
+            h, w_out, out, sorted_pair_ids, block_expert_ids, num_padded, pair_weights, counters,
+            num_tokens * top_k, hidden, inter, num_m_blocks,
+            h.stride(0), h.stride(1), w_out.stride(0), w_out.stride(1), w_out.stride(2),
+            out.stride(0), out.stride(1),
+            TOP_K=top_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+            ATOMIC=atomic, INPUT_PRECISION=_input_precision(h.dtype), COUNT=count,
+            W_BYTES=w_out.element_size(), num_warps=num_warps, num_stages=num_stages,
+        )
+
+
+@torch.library.custom_op("moecap::moe_down", mutates_args=("counters",))
+def moe_down(
+    h: torch.Tensor, w_out: torch.Tensor, sorted_pair_ids: torch.Tensor, block_expert_ids: torch.Tensor,
+    num_padded: torch.Tensor, topk_weights: torch.Tensor, counters: torch.Tensor, config: list[int],
+    atomic: bool, count: bool,
+) -> torch.Tensor:
+    num_tokens, top_k = topk_weights.shape
+    rows = num_tokens if atomic else num_tokens * top_k
+    alloc = torch.zeros if atomic else torch.empty
+    out = alloc((rows, w_out.shape[1]), dtype=torch.float32, device=h.device)
+    launch_down(h, w_out, out, sorted_pair_ids, block_expert_ids, num_padded, topk_weights, counters,
+                config, atomic, count)
+    return out
+
+
+@moe_down.register_fake
+def _(h, w_out, sorted_pair_ids, block_expert_ids, num_padded, topk_weights, counters, config, atomic, count):
+    num_tokens, top_k = topk_weights.shape
+    rows = num_tokens if atomic else num_tokens * top_k
+    return h.new_empty((rows, w_out.shape[1]), dtype=torch.float32)
+
+
+def launch_combine(routed: torch.Tensor, shared: torch.Tensor, y: torch.Tensor, top_k: int,
+                   num_shared: int) -> None:
+    """y[t] = Σ_j routed[t·k + j] + Σ_s shared[t·S + s], in that order, cast to y's dtype."""
+    num_tokens, hidden = y.shape
+    if routed.stride(1) != 1 or y.stride(1) != 1 or (num_shared and shared.stride(1) != 1):
+        raise ValueError("combine needs rows with unit stride along H")
+    if num_tokens == 0 or hidden == 0:
+        return
+    shared = shared if num_shared else routed  # never read when num_shared == 0
+    grid = (num_tokens, triton.cdiv(hidden, COMBINE_BLOCK_H))
+    with _device_guard(routed):
+        combine_kernel[grid](
+            routed, shared, y, hidden, routed.stride(0), shared.stride(0), y.stride(0),
+            TOP_K=top_k, NUM_SHARED=num_shared, BLOCK_H=COMBINE_BLOCK_H,
+        )
+
+
+@torch.library.custom_op("moecap::moe_combine", mutates_args=())
+def moe_combine(
+    routed: torch.Tensor, shared: torch.Tensor, top_k: int, num_shared: int, out_dtype: torch.dtype
+) -> torch.Tensor:
+    num_tokens = routed.shape[0] // top_k
+    y = torch.empty((num_tokens, routed.shape[1]), dtype=out_dtype, device=routed.device)
+    launch_combine(routed.contiguous(), shared.contiguous(), y, top_k, num_shared)
+    return y
+
+
+@moe_combine.register_fake
+def _(routed, shared, top_k, num_shared, out_dtype):
+    return routed.new_empty((routed.shape[0] // top_k, routed.shape[1]), dtype=out_dtype)
+
+
+@register_flop_formula(torch.ops.moecap.moe_gate_up)
+def _gate_up_flops(x, w_in, sorted_pair_ids, block_expert_ids, num_padded, counters, top_k, gated,
+                   activation, config, count, *, out_shape=None) -> int:
+    """Useful FLOPs: 2 per multiply-add of each routed pair's row (padding rows excluded)."""
+    return 2 * x[0] * top_k * w_in[1] * w_in[2]
+
+
+@register_flop_formula(torch.ops.moecap.moe_down)
+def _down_flops(h, w_out, sorted_pair_ids, block_expert_ids, num_padded, topk_weights, counters, config,
+                atomic, count, *, out_shape=None) -> int:
+    return 2 * topk_weights[0] * topk_weights[1] * w_out[1] * w_out[2]
+
+
+def fused_experts(
+    x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor, config: KernelConfig, *, gated: bool = True, activation: str = "silu",
+    atomic: bool = True, counters: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Experts ``w_in``/``w_out`` ([E, F_in, H], [E, H, F]) over a routing, without the final cast.
+
+    Returns fp32: y [T, H] when ``atomic``, else the weighted per-pair rows [T·k, H] for
+    ``moe_combine``. ``counters`` (int64 [3]) switches the in-kernel counters on.
+    """
+    num_experts = w_in.shape[0]
+    routing = align_tokens(topk_ids, num_experts, config.block_m)
+    count = counters is not None
+    if counters is None:
+        counters = torch.empty(3, dtype=torch.int64, device=x.device)  # never touched when not counting
+    cfg = config.as_list()
+    h = moe_gate_up(x, w_in, routing.sorted_pair_ids, routing.block_expert_ids, routing.num_padded,
+                    counters, topk_ids.shape[1], gated, activation, cfg, count)
+    return moe_down(h, w_out, routing.sorted_pair_ids, routing.block_expert_ids, routing.num_padded,
+                    topk_weights, counters, cfg, atomic, count)
