@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One call on a GPU machine (torch, Triton, nvcc; no network, nothing installed): build the extension,
+# run the GPU tests, measure the ceilings, profile three real MoE layers with every backend, and print
+# a short table last. Full results (JSON, logs) go to the folder given as $1 (default: $OUT, else
+# benchmarks/results/gpu-<date>). Budget: under 8 minutes on an H200; each step has its own timeout.
+#
+#   bash benchmarks/gpu_check.sh [RESULTS_DIR]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RESULTS=${1:-${OUT:-benchmarks/results/gpu-$(date +%F)}}
+mkdir -p "$RESULTS"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export MOECAP_CACHE_DIR=${MOECAP_CACHE_DIR:-/tmp/moecap-cache}
+PY=${PYTHON:-python3}
+status=0
+step() { echo; echo "== $1"; }
+run() { local limit=$1; shift; timeout "$limit" "$@" || { echo "!! failed ($?): $*"; status=1; }; }
+
+step "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
+$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+
+step "build the extension (CUDA flavour)"
+run 180 $PY -m moecap_kernels._ext
+
+step "GPU tests"
+run 200 $PY -m pytest -q -x tests/test_gpu.py 2>&1 | tee "$RESULTS/gpu_tests.log"
+
+step "ceilings: read/copy bandwidth and GEMM peaks, measured"
+run 60 $PY benchmarks/gpu_summary.py calibrate --json "$RESULTS/ceilings.json"
+
+step "profiles"
+for model in mixtral-8x7b qwen3-30b-a3b deepseek-v3; do
+  run 120 $PY -m moecap_kernels.profile --model "$model" --phase decode --batch 1,8,64,256 \
+    --backend triton,grouped,loop --warmup 5 --reps 40 --json "$RESULTS/$model-decode.json"
+  run 90 $PY -m moecap_kernels.profile --model "$model" --phase prefill --batch 1 --seq-len 4096 \
+    --backend triton,grouped,loop --warmup 3 --reps 15 --json "$RESULTS/$model-prefill.json"
+done
+
+step "summary"
+$PY benchmarks/gpu_summary.py table "$RESULTS"/*-decode.json "$RESULTS"/*-prefill.json \
+  --ceilings "$RESULTS/ceilings.json" --markdown "$RESULTS/summary.md"
+exit $status

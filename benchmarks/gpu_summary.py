@@ -1,0 +1,117 @@
+"""Helpers of benchmarks/gpu_check.sh: measure a GPU's ceilings, and summarise profile JSON files.
+
+python benchmarks/gpu_summary.py calibrate --json ceilings.json
+python benchmarks/gpu_summary.py table results/*.json --ceilings ceilings.json --markdown summary.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moecap_kernels import hardware
+from moecap_kernels.report import write_atomic
+
+GOALS = (  # (model, phase, max tokens, metric, threshold): the targets the kernels are measured against
+    ("mixtral-8x7b", "decode", 8, "s_mbu", 0.75),
+    ("mixtral-8x7b", "prefill", 4096, "s_mfu", 0.60),
+)
+
+
+def calibrate(json_path: str) -> None:
+    device = torch.device("cuda")
+    info = hardware.detect_device(device)
+    cal = hardware.calibrate(device, ["bfloat16", "float16", "float32"], force=True)
+    entry = hardware.datasheet_entry(info.name)
+    doc = {"device": info.name, "calibration": cal.to_json(), "datasheet": None}
+    print(
+        f"{info.name}: read {cal.read_bandwidth_bytes_per_s / 1e12:.2f} TB/s, "
+        f"copy {cal.copy_bandwidth_bytes_per_s / 1e12:.2f} TB/s (r+w)"
+    )
+    for dtype, flops in cal.gemm_flops_per_s.items():
+        print(f"  {dtype} GEMM {flops / 1e12:.0f} TFLOP/s (n={cal.gemm_sizes[dtype]})")
+    if entry is not None:
+        doc["datasheet"] = {
+            "name": entry.name,
+            "bandwidth": entry.bandwidth_bytes_per_s,
+            "bf16_flops": entry.peak_flops("bfloat16"),
+        }
+        print(
+            f"  datasheet {entry.name}: {entry.bandwidth_bytes_per_s / 1e12:.2f} TB/s, "
+            f"bf16 {entry.peak_flops('bfloat16') / 1e12:.0f} TFLOP/s; measured/datasheet: bandwidth "
+            f"{cal.read_bandwidth_bytes_per_s / entry.bandwidth_bytes_per_s:.2f}, bf16 "
+            f"{cal.gemm_flops_per_s['bfloat16'] / entry.peak_flops('bfloat16'):.2f}"
+        )
+    write_atomic(json_path, json.dumps(doc, indent=2) + "\n")
+
+
+def _rows(paths: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for path in paths:
+        if Path(path).is_file():
+            rows += json.loads(Path(path).read_text())["results"]
+    return rows
+
+
+def table(paths: list[str], ceilings: str | None, markdown: str | None) -> None:
+    rows = _rows(paths)
+    measured = None
+    if ceilings and Path(ceilings).is_file():
+        cal = json.loads(Path(ceilings).read_text())["calibration"]
+        measured = (cal["read_bandwidth_bytes_per_s"], cal["gemm_flops_per_s"])
+    columns = ("model", "phase", "T", "backend", "median", "S-MBU", "S-MBU meas.", "S-MFU", "S-MFU meas.",
+               "rel. err", "pad. waste")  # fmt: skip
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for r in rows:
+        bw_meas = flops_meas = "—"
+        if measured is not None:
+            seconds = r["time_s"]["median"]
+            bw_meas = f"{r['bytes']['compulsory'] / seconds / measured[0]:.2f}"
+            peak = measured[1].get(r["dtype"])
+            flops_meas = f"{r['flops']['useful'] / seconds / peak:.2f}" if peak else "—"
+        kernel = r.get("kernel")
+        waste = f"{kernel['padding_waste']:.2f}" if kernel else "—"
+        lines.append(
+            f"| {r['model']} | {r['phase']} | {r['tokens']} | {r['backend']} "
+            f"| {r['time_s']['median'] * 1e3:.3f} ms "
+            f"| {r['s_mbu']:.2f} | {bw_meas} | {r['s_mfu']:.2f} | {flops_meas} "
+            f"| {r['accuracy']['rel_error']:.1e} | {waste} |"
+        )
+    for model, phase, max_tokens, metric, threshold in GOALS:
+        best = [r for r in rows if r["model"] == model and r["phase"] == phase and r["tokens"] <= max_tokens]
+        for tokens in sorted({r["tokens"] for r in best}):
+            top = max((r for r in best if r["tokens"] == tokens), key=lambda r: r[metric])
+            verdict = "meets" if top[metric] >= threshold else "misses"
+            lines.append(
+                f"\ngoal {model} {phase} T={tokens}: best {top['backend']} {metric} {top[metric]:.2f} "
+                f"({verdict} {threshold} of {top['peak']['source']})"
+            )
+    text = "\n".join(lines) + "\n"
+    if markdown:
+        write_atomic(markdown, text)
+    print(text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    cal = sub.add_parser("calibrate")
+    cal.add_argument("--json", required=True)
+    tab = sub.add_parser("table")
+    tab.add_argument("files", nargs="+")
+    tab.add_argument("--ceilings")
+    tab.add_argument("--markdown")
+    args = parser.parse_args()
+    if args.command == "calibrate":
+        calibrate(args.json)
+    else:
+        table(args.files, args.ceilings, args.markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

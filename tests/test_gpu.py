@@ -1,0 +1,99 @@
+"""Checks that need a CUDA GPU (skipped elsewhere): every backend in bf16/fp16 against float64, the
+compiled CUDA counters and alignment against their CPU twins, Triton kernel counters and FLOPs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from torch.utils.flop_counter import FlopCounterMode
+
+from moecap_kernels import _ext
+from moecap_kernels.backends import get_backend
+from moecap_kernels.counters import CountAccumulator
+from moecap_kernels.dtypes import torch_dtype
+from moecap_kernels.kernels.align import align_tokens, align_tokens_torch
+from moecap_kernels.reference import reference_forward, relative_error
+from moecap_kernels.routing import parse_routing, route, router_scores, synthetic_ids
+from moecap_kernels.spec import MoESpec, load_preset
+from moecap_kernels.weights import random_weights
+
+CUDA = torch.device("cuda")
+TOLERANCE = {"bfloat16": 1e-2, "float16": 1e-2, "float32": 1e-4}
+LAYERS = {
+    "gated": dict(hidden_size=512, intermediate_size=384, num_experts=16, top_k=4),
+    "odd-sizes": dict(hidden_size=328, intermediate_size=200, num_experts=12, top_k=3),
+    "shared": dict(hidden_size=256, intermediate_size=128, num_experts=32, top_k=8, num_shared_experts=1,
+                   shared_intermediate_size=320),
+    "gelu-not-gated": dict(hidden_size=256, intermediate_size=192, num_experts=8, top_k=2, gated=False,
+                           activation="gelu"),
+}  # fmt: skip
+
+
+def setup(layer: str, dtype: str, tokens: int, seed: int = 0):
+    spec = MoESpec(name=layer, **LAYERS[layer]).with_dtype(dtype)
+    weights = random_weights(spec, CUDA, seed=seed)
+    gen = torch.Generator(device=CUDA).manual_seed(seed + 1)
+    x = torch.randn(tokens, spec.hidden_size, generator=gen, device=CUDA).to(torch_dtype(dtype))
+    ids, w = route(router_scores(x, weights.router, spec), spec)
+    return spec, weights, x, ids, w
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped", "triton"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("layer", list(LAYERS))
+@pytest.mark.parametrize("tokens", [1, 37, 512])
+def test_backends_match_float64_on_gpu(backend, dtype, layer, tokens):
+    spec, weights, x, ids, w = setup(layer, dtype, tokens)
+    y = get_backend(backend).forward(x, weights, spec, ids, w)
+    assert y.dtype == x.dtype and y.device.type == "cuda"
+    assert relative_error(y, reference_forward(x, weights, spec, ids, w)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("tokens", [1, 64, 4096])
+def test_triton_counters_and_flops_on_gpu(tokens):
+    spec, weights, x, ids, w = setup("gated", "bfloat16", tokens)
+    backend = get_backend("triton")
+    kernel = backend.kernel_counters(x, weights, spec, ids, w)
+    per_expert = torch.bincount(ids.flatten().cpu(), minlength=spec.num_experts).tolist()
+    block = kernel["block_m"]
+    blocks = sum(-(-n // block) for n in per_expert)
+    assert kernel["padded_rows"] == blocks * block - tokens * spec.top_k
+    assert kernel["issued_weight_bytes"] == blocks * spec.expert_weight_bytes
+    assert kernel["executed_flops"] == blocks * block * 2 * spec.params_per_expert
+    with FlopCounterMode(display=False) as counter:
+        backend.forward(x, weights, spec, ids, w)
+    assert counter.get_total_flops() == tokens * spec.top_k * 2 * spec.params_per_expert
+
+
+def test_triton_deterministic_combine_is_reproducible():
+    spec, weights, x, ids, w = setup("shared", "bfloat16", 300)
+    backend = get_backend("triton")
+    backend.deterministic = True
+    first = backend.forward(x, weights, spec, ids, w)
+    assert torch.equal(first, backend.forward(x, weights, spec, ids, w))
+
+
+@pytest.mark.parametrize("routing", ["uniform", "hot:1", "zipf:1.5"])
+@pytest.mark.parametrize("tokens", [1, 255, 4096])
+def test_cuda_counters_and_alignment_match_cpu(routing, tokens):
+    assert _ext.has_op("count_routing", "cuda"), _ext.extension_status()
+    spec = load_preset("deepseek-v3")
+    choice = parse_routing(routing if routing != "hot:1" else f"hot:{spec.top_k}")
+    ids = synthetic_ids(choice, tokens, spec, seed=tokens)
+    on_gpu, on_cpu = CountAccumulator(spec, CUDA), CountAccumulator(spec, "cpu")
+    for _ in range(3):
+        on_gpu.add(ids.to(CUDA))
+        on_cpu.add(ids)
+    assert on_gpu.read() == on_cpu.read()
+    for block_m in (16, 64):
+        got, want = (
+            align_tokens(ids.to(CUDA), spec.num_experts, block_m),
+            align_tokens_torch(ids, spec.num_experts, block_m),
+        )
+        assert torch.equal(got.sorted_pair_ids.cpu(), want.sorted_pair_ids)
+        assert torch.equal(got.block_expert_ids.cpu(), want.block_expert_ids)
+        assert torch.equal(got.num_padded.cpu(), want.num_padded)
