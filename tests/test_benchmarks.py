@@ -1,0 +1,83 @@
+"""The benchmark scripts on tiny layers: compare's interleaved rows, the tuner's choice, the GPU summary."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moecap_kernels import hardware
+from moecap_kernels.kernels.configs import KernelConfig
+from moecap_kernels.profile import main as profile_main
+from moecap_kernels.runner import Scenario
+from tests.helpers import tiny_spec
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+CPU = torch.device("cpu")
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the script is executed
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_layer_rows_speedups_and_overhead():
+    compare = load_script("compare")
+    spec = tiny_spec().with_dtype("float32")
+    info = hardware.detect_device(CPU)
+    peaks = hardware.Peaks(40e9, 200e9, "float32", "user", "user")
+    scenarios = (Scenario("decode", 3), Scenario("prefill", 1, 16))
+    rows = compare.compare_layer(
+        spec, scenarios, ("loop", "grouped"), CPU, info, peaks, {"decode": 3, "prefill": 2}, compare.Console()
+    )
+    assert [(r.phase, r.tokens, r.backend) for r in rows] == [
+        ("decode", 3, "loop"), ("decode", 3, "grouped"), ("prefill", 16, "loop"), ("prefill", 16, "grouped")
+    ]  # fmt: skip
+    assert all(r.speedup_vs_loop == 1.0 for r in rows if r.backend == "loop")
+    assert all((r.counting_overhead is None) == (r.backend == "loop") for r in rows)
+    assert all(r.roofline_s == max(r.compulsory_bytes / 40e9, r.useful_flops / 200e9) for r in rows)
+    checks = {
+        "calibrated_read_bandwidth": 40e9,
+        "calibrated_gemm_flops": 200e9,
+        "bandwidth_checks": {"torch sum": {"bytes_per_s": 30e9, "ratio_to_calibrated": 0.75}},
+        "gemm_check": {"torch.matmul": 100e9, "ratio_to_calibrated": 0.5},
+    }
+    text = compare.markdown(rows, checks, {"device": "cpu", "dtype": "float32"})
+    assert text.count("| tiny |") == 4 and "0.75" in text
+
+
+def test_tuner_picks_one_of_its_candidates(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    tuner = load_script("tune_triton")
+    spec = tiny_spec(hidden_size=32, intermediate_size=32).with_dtype("float16")
+    options = [KernelConfig(16, 32, 32), KernelConfig(32, 32, 16)]
+    best = tuner.tune(spec, [4], CPU, configs=lambda tokens, s: options, reps=1)
+    assert best[4][0] in options and best[4][1] > 0
+
+
+def test_tuner_refuses_without_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    assert load_script("tune_triton").main(["--model", "mixtral-8x7b"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_gpu_summary_table_from_profile_json(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "mixtral", "hidden_size": 32, "intermediate_size": 32,
+                                  "num_local_experts": 4, "num_experts_per_tok": 2}))  # fmt: skip
+    out = tmp_path / "r.json"
+    args = ["--config", str(config), "--batch", "2", "--backend", "loop", "--reps", "2", "--json", str(out)]
+    assert profile_main([*args, "--peak-bandwidth", "1e10", "--peak-flops", "1e11"]) == 0
+    capsys.readouterr()
+    load_script("gpu_summary").table([str(out)], None, str(tmp_path / "summary.md"))
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.count("\n") == 3 and "| loop |" in summary
