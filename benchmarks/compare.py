@@ -92,9 +92,9 @@ def _best_of(fn, reps: int) -> float:
 def ceiling_checks(calibration: hardware.Calibration, dtype: str) -> dict[str, Any]:
     """The calibration's figures beside plain large reductions, copies and a big matmul (CPU)."""
     n_bytes = 1 << 30
-    t = torch.ones(n_bytes // 4)
+    t = torch.rand(n_bytes // 4)  # random, never constant pages (see hardware._measure_bandwidth)
     t_dst = torch.empty_like(t)
-    a = np.ones(n_bytes // 4, dtype=np.float32)
+    a = t.numpy().copy()
     a_dst = np.empty_like(a)
     figures = {
         "torch sum 1 GiB": n_bytes / _best_of(t.sum, 5),
