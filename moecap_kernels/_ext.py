@@ -32,7 +32,8 @@ import torch
 LIB_NAMESPACE = "moecap"
 _LIB_NAME = "moecap_kernels_ext"
 CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
-_CFLAGS = ("-O3",)
+# -fopenmp: the CPU MoE kernel runs on torch's OpenMP thread pool (Linux; Apple clang lacks the flag).
+_CFLAGS = ("-O3", "-fopenmp") if sys.platform.startswith("linux") else ("-O3",)
 _CUDA_CFLAGS = ("-O3", "--expt-relaxed-constexpr")
 
 

@@ -1,0 +1,263 @@
+"""The fused CPU expert kernel (moecap::moe_experts_cpu) and the cpu_fused backend vs a float64 loop.
+
+Inputs are fresh random tensors (never zeros), so an output element the kernel forgets to write
+(left zero, or NaN from the poisoned allocator below) shows up as a large error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moecap_kernels import _ext
+from moecap_kernels.backends.cpu_fused import (
+    FUSED_MAX_PAIRS_PER_EXPERT,
+    CpuFusedBackend,
+    use_fused,
+)
+from moecap_kernels.spec import MoESpec
+from moecap_kernels.weights import MoEWeights
+
+TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-5}
+SILU, GELU_ERF, GELU_TANH = 0, 1, 2
+ISA_NAMES = ("scalar", "avx2", "avx512", "avx512-bf16")
+
+pytestmark = pytest.mark.skipif(
+    not _ext.has_op("moe_experts_cpu", "cpu"),
+    reason=f"moecap::moe_experts_cpu could not be built or loaded: {_ext.extension_status()}",
+)
+
+
+def op(*args: object) -> torch.Tensor:
+    return torch.ops.moecap.moe_experts_cpu(*args)
+
+
+def best_isa() -> int:
+    return int(torch.ops.moecap.moe_experts_cpu_info()[0])
+
+
+# --- independent float64 reference -------------------------------------------------------------
+def act64(v: torch.Tensor, activation: int) -> torch.Tensor:
+    if activation == SILU:
+        return v / (1.0 + torch.exp(-v))
+    if activation == GELU_ERF:
+        return 0.5 * v * (1.0 + torch.erf(v / math.sqrt(2.0)))
+    return 0.5 * v * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v**3)))
+
+
+def reference(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, ids: torch.Tensor,
+              weights: torch.Tensor, gated: bool, activation: int) -> torch.Tensor:
+    """Plain loop over the routed (token, slot) pairs, everything in float64."""
+    f = w_out.shape[2]
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(ids.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            h = w_in[e].double() @ x[t].double()
+            inner = act64(h[:f], activation) * h[f:] if gated else act64(h, activation)
+            y[t] += float(weights[t, j]) * (w_out[e].double() @ inner)
+    return y
+
+
+def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    diff = (y.double() - ref).norm().item()
+    return diff / ref.norm().item() if math.isfinite(diff) else math.inf
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+def make_problem(t: int, h: int, f: int, e: int, k: int, gated: bool, dtype: torch.dtype,
+                 seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """x, w_in, w_out (1/sqrt(fan_in) scale), distinct top-k ids per token, positive weights."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, h, generator=gen).to(dtype)
+    w_in = (torch.randn(e, (2 if gated else 1) * f, h, generator=gen) * h**-0.5).to(dtype)
+    w_out = (torch.randn(e, h, f, generator=gen) * f**-0.5).to(dtype)
+    ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)])
+    weights = torch.rand(t, k, generator=gen) + 0.1
+    return x, w_in, w_out, ids, weights
+
+
+def poison_allocator(numel: int, dtype: torch.dtype) -> None:
+    """Frees a NaN-filled block the size of the op's output, which the op's allocation may reuse."""
+    poisoned = torch.full((numel,), float("nan"), dtype=dtype)
+    del poisoned
+
+
+def check(t: int, h: int, f: int, e: int, k: int, gated: bool, activation: int, dtype: torch.dtype,
+          max_isa: int = -1, ids: torch.Tensor | None = None) -> None:
+    x, w_in, w_out, drawn, weights = make_problem(t, h, f, e, k, gated, dtype)
+    ids = drawn if ids is None else ids
+    poison_allocator(t * h, dtype)
+    y = op(x, w_in, w_out, ids, weights, gated, activation, max_isa)
+    assert y.shape == (t, h) and y.dtype == dtype
+    err = rel_error(y, reference(x, w_in, w_out, ids, weights, gated, activation))
+    assert err < TOLERANCE[dtype], f"relative error {err:.2e} (dtype {dtype}, isa cap {max_isa})"
+
+
+# --- the op ---------------------------------------------------------------------------------------
+SHAPES = [  # (T, H, F, E, k): H and F off the 16/32-lane vector widths; k = E; T up to 64
+    (1, 67, 37, 5, 2),
+    (4, 130, 45, 4, 4),
+    (13, 96, 70, 8, 2),
+    (64, 48, 33, 6, 3),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-H{}-F{}-E{}-k{}".format(*s))
+def test_matches_float64_reference(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    check(*shape, gated=True, activation=SILU, dtype=dtype)
+
+
+@pytest.mark.parametrize("activation", [SILU, GELU_ERF, GELU_TANH], ids=["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_activations_and_non_gated(gated: bool, activation: int, dtype: torch.dtype) -> None:
+    check(9, 80, 52, 5, 2, gated, activation, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_every_token_to_one_expert(dtype: torch.dtype) -> None:
+    ids = torch.full((37, 1), 2, dtype=torch.int64)
+    check(37, 72, 40, 4, 1, True, SILU, dtype, ids=ids)
+
+
+def test_one_token_many_experts() -> None:
+    check(1, 2048 + 5, 96 + 3, 16, 16, True, SILU, torch.bfloat16)
+
+
+def test_repeated_expert_within_a_token() -> None:
+    ids = torch.tensor([[1, 1], [0, 3], [3, 3]])
+    check(3, 64, 32, 4, 2, True, SILU, torch.bfloat16, ids=ids)
+
+
+def test_int32_ids_and_bf16_weights() -> None:
+    x, w_in, w_out, ids, weights = make_problem(6, 50, 20, 4, 2, True, torch.float32)
+    y = op(x, w_in, w_out, ids.int(), weights.bfloat16(), True, SILU)
+    ref = reference(x, w_in, w_out, ids, weights.bfloat16().float(), True, SILU)
+    assert rel_error(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("isa", range(4), ids=ISA_NAMES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_every_instruction_set_path(isa: int, dtype: torch.dtype) -> None:
+    if isa > best_isa():
+        pytest.skip(f"this CPU lacks {ISA_NAMES[isa]}")
+    check(11, 100, 41, 6, 3, True, SILU, dtype, max_isa=isa)
+
+
+def test_info_reports_isa_and_threading() -> None:
+    isa, threaded = torch.ops.moecap.moe_experts_cpu_info()
+    assert 0 <= isa <= 3 and threaded in (0, 1)
+
+
+def test_empty_batch() -> None:
+    x, w_in, w_out, ids, weights = make_problem(1, 16, 8, 2, 1, True, torch.float32)
+    y = op(x[:0], w_in, w_out, ids[:0], weights[:0], True, SILU)
+    assert y.shape == (0, 16)
+
+
+# --- input validation -------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad_id", [4, -1, 1000])
+def test_out_of_range_id_raises(bad_id: int) -> None:
+    x, w_in, w_out, ids, weights = make_problem(3, 16, 8, 4, 2, True, torch.float32)
+    ids[1, 0] = bad_id
+    with pytest.raises(RuntimeError, match="outside"):
+        op(x, w_in, w_out, ids, weights, True, SILU)
+
+
+def bad_arguments(case: str) -> tuple[object, ...]:
+    """Arguments that are wrong in exactly one way, named by ``case``."""
+    x, w_in, w_out, ids, weights = make_problem(3, 16, 8, 4, 2, True, torch.float32)
+    args = {"x": x, "w_in": w_in, "w_out": w_out, "ids": ids, "weights": weights, "gated": True, "act": SILU}
+    changes = {
+        "dtype mismatch": {"x": x.bfloat16()},
+        "gated needs 2F rows": {"gated": False},
+        "H mismatch": {"x": x[:, :8].contiguous()},
+        "non-contiguous w_out": {"w_out": w_out.transpose(1, 2).contiguous().transpose(1, 2)},
+        "float ids": {"ids": ids.float()},
+        "weights shape": {"weights": weights[:, :1].contiguous()},
+        "activation code": {"act": 7},
+        "int64 x": {"x": x.long()},
+    }
+    args.update(changes[case])
+    return tuple(args.values())
+
+
+BAD_CASES = (
+    "dtype mismatch",
+    "gated needs 2F rows",
+    "H mismatch",
+    "non-contiguous w_out",
+    "float ids",
+    "weights shape",
+    "activation code",
+    "int64 x",
+)
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_arguments_raise(case: str) -> None:
+    with pytest.raises(RuntimeError):
+        op(*bad_arguments(case))
+
+
+def test_thread_count_does_not_change_the_result() -> None:
+    x, w_in, w_out, ids, weights = make_problem(24, 300, 200, 8, 2, True, torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = op(x, w_in, w_out, ids, weights, True, SILU)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single, op(x, w_in, w_out, ids, weights, True, SILU))
+
+
+# --- the backend ------------------------------------------------------------------------------------
+def make_layer(shared: int, dtype: torch.dtype, seed: int = 1) -> tuple[MoESpec, MoEWeights]:
+    spec = MoESpec(name="test", hidden_size=72, intermediate_size=40, num_experts=6, top_k=2,
+                   num_shared_experts=shared, shared_intermediate_size=56 if shared else 0)
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * shape[-1] ** -0.5).to(dtype)
+
+    h, f, e, fs = 72, 40, 6, 56
+    weights = MoEWeights(router=rand(e, h), w_in=rand(e, 2 * f, h), w_out=rand(e, h, f),
+                         shared_w_in=rand(shared, 2 * fs, h), shared_w_out=rand(shared, h, fs))
+    return spec, weights
+
+
+def layer_reference(x: torch.Tensor, spec: MoESpec, w: MoEWeights, ids: torch.Tensor,
+                    weights: torch.Tensor) -> torch.Tensor:
+    y = reference(x, w.w_in, w.w_out, ids, weights, True, SILU)
+    for s in range(spec.num_shared_experts):
+        every = torch.zeros(x.shape[0], 1, dtype=torch.int64)
+        y += reference(x, w.shared_w_in[s : s + 1], w.shared_w_out[s : s + 1], every,
+                       torch.ones(x.shape[0], 1), True, SILU)
+    return y
+
+
+def test_backend_available_on_cpu_only() -> None:
+    backend = CpuFusedBackend()
+    assert backend.availability(torch.device("cpu"), torch.bfloat16) is None
+    assert backend.availability(torch.device("meta"), torch.bfloat16) is not None
+    assert backend.availability(torch.device("cpu"), torch.float64) is not None
+
+
+@pytest.mark.parametrize("shared", [0, 2])
+@pytest.mark.parametrize("tokens", [1, 5, 12, 40], ids=["T1", "T5", "T12-torch-shared", "T40-torch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_backend_matches_reference(tokens: int, shared: int, dtype: torch.dtype) -> None:
+    spec, w = make_layer(shared, dtype)
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, spec.hidden_size, generator=gen).to(dtype)
+    ids = torch.stack([torch.randperm(spec.num_experts, generator=gen)[: spec.top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, spec.top_k, generator=gen) + 0.1
+    assert use_fused(tokens, spec) == (tokens * spec.top_k <= FUSED_MAX_PAIRS_PER_EXPERT * spec.num_experts)
+    y = CpuFusedBackend().forward(x, w, spec, ids, weights)
+    assert y.shape == x.shape and y.dtype == dtype
+    err = rel_error(y, layer_reference(x, spec, w, ids, weights))
+    assert err < TOLERANCE[dtype], f"relative error {err:.2e}"
