@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from moecap_kernels import hardware as hw
+from moecap_kernels._ext import load_extension
 from moecap_kernels.errors import UserError
 
 # Strings as torch.cuda.get_device_name() / nvidia-smi / rocm report them → expected datasheet key.
@@ -245,6 +246,7 @@ def test_llc_falls_back_when_sysfs_is_missing(tmp_path: Path) -> None:
 
 @pytest.fixture
 def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    load_extension()  # built (or found) in the real cache first: calibration uses its stream_read
     monkeypatch.setenv("MOECAP_CACHE_DIR", str(tmp_path))
     return tmp_path
 
