@@ -247,11 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = QUICK_SCENARIOS if args.quick else FULL_SCENARIOS
     reps = {"decode": 6, "prefill": 2} if args.quick else {"decode": 12, "prefill": 3}
     dtype = torch_dtype(args.dtype)
+    # backend_names(): loop (the baseline) first, the most specialised last (it gets the overhead pair)
     backends = tuple(n for n in backend_names() if get_backend(n).availability(device, dtype) is None)
-    # loop first (the baseline), the most specialised backend last (it gets the overhead pair)
-    backends = tuple(
-        sorted(backends, key=lambda n: ("loop", "grouped").index(n) if n in ("loop", "grouped") else 2)
-    )
     rows: list[Measured] = []
     for name in models:
         console.print(f"[bold]{name}[/bold] ({', '.join(backends)})")

@@ -125,8 +125,15 @@ def measure(spec: MoESpec, weights: MoEWeights, tokens: int, reps: int, probe: S
         probe()
         backend_s.append(timed(lambda inputs=inputs: run_backend(*inputs)))
     med_gbs = statistics.median(op_gbs)
-    return Row(tokens, statistics.median(op_s), med_gbs, med_gbs / probe.best, statistics.median(paired),
-               statistics.median(loop_s), statistics.median(backend_s))
+    return Row(
+        tokens,
+        statistics.median(op_s),
+        med_gbs,
+        med_gbs / probe.best,
+        statistics.median(paired),
+        statistics.median(loop_s),
+        statistics.median(backend_s),
+    )
 
 
 def print_table(name: str, rows: list[Row], best_stream: float) -> None:

@@ -88,124 +88,267 @@ class DatasheetEntry:
         )
 
 
-_A100_DS = ("NVIDIA A100 Tensor Core GPU datasheet",
-            "https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/"
-            "nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf")
-_H100_DS = ("NVIDIA H100 Tensor Core GPU datasheet",
-            "https://resources.nvidia.com/en-us-tensor-core/nvidia-tensor-core-gpu-datasheet")
+_A100_DS = (
+    "NVIDIA A100 Tensor Core GPU datasheet",
+    "https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/"
+    "nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf",
+)
+_H100_DS = (
+    "NVIDIA H100 Tensor Core GPU datasheet",
+    "https://resources.nvidia.com/en-us-tensor-core/nvidia-tensor-core-gpu-datasheet",
+)
 _H200_DS = ("NVIDIA H200 Tensor Core GPU datasheet", "https://www.nvidia.com/en-us/data-center/h200/")
 _L40_DS = ("NVIDIA L40 / L40S datasheets", "https://www.nvidia.com/en-us/data-center/l40s/")
-_ADA_WP = ("NVIDIA Ada Lovelace GPU Architecture whitepaper (Appendix A, GeForce RTX 4090)",
-           "https://images.nvidia.com/aem-dam/Solutions/geforce/ada/nvidia-ada-gpu-architecture.pdf")
-_RTX_BW_WP = ("NVIDIA RTX Blackwell GPU Architecture whitepaper (GeForce RTX 5090)",
-              "https://images.nvidia.com/aem-dam/Solutions/geforce/blackwell/"
-              "nvidia-rtx-blackwell-gpu-architecture.pdf")
+_ADA_WP = (
+    "NVIDIA Ada Lovelace GPU Architecture whitepaper (Appendix A, GeForce RTX 4090)",
+    "https://images.nvidia.com/aem-dam/Solutions/geforce/ada/nvidia-ada-gpu-architecture.pdf",
+)
+_RTX_BW_WP = (
+    "NVIDIA RTX Blackwell GPU Architecture whitepaper (GeForce RTX 5090)",
+    "https://images.nvidia.com/aem-dam/Solutions/geforce/blackwell/nvidia-rtx-blackwell-gpu-architecture.pdf",
+)
 
 # Positional fields: key, name, match, bandwidth B/s, memory GB, bf16, fp16, fp32 FLOP/s, source, url.
 # Word boundaries keep H20 off H200, H200 off GH200, B200 off GB200 and L4 off L40/L40S.
 DATASHEET: tuple[DatasheetEntry, ...] = (
     # --- Hopper: NVL and PCIe before the SXM entry, which wants SXM/HBM3/80GB in the name ---
     DatasheetEntry(
-        "h100-nvl", "NVIDIA H100 NVL", (r"\bH100\b", r"\bNVL\b"), 3.9e12, 94,
-        835.5 * T, 835.5 * T, 60 * T, *_H100_DS, tf32_flops=417.5 * T,
+        "h100-nvl",
+        "NVIDIA H100 NVL",
+        (r"\bH100\b", r"\bNVL\b"),
+        3.9e12,
+        94,
+        835.5 * T,
+        835.5 * T,
+        60 * T,
+        *_H100_DS,
+        tf32_flops=417.5 * T,
         note="94GB/3.9TB/s verified (third-party); FP32 60 and BF16 1,671 sparse from memory of the "
         "datasheet, not verified here",
     ),
     DatasheetEntry(
-        "h100-pcie", "NVIDIA H100 PCIe", (r"\bH100\b", r"\bPCIE\b"), 2.0e12, 80,
-        756.5 * T, 756.5 * T, 51.2 * T, *_H100_DS, tf32_flops=378 * T,
+        "h100-pcie",
+        "NVIDIA H100 PCIe",
+        (r"\bH100\b", r"\bPCIE\b"),
+        2.0e12,
+        80,
+        756.5 * T,
+        756.5 * T,
+        51.2 * T,
+        *_H100_DS,
+        tf32_flops=378 * T,
         note="verified: 2,000GB/s, FP32 51, BF16 1,513 sparse (datasheet table reproduced by hpctech.co.jp)",
     ),
     DatasheetEntry(
-        "h100-sxm", "NVIDIA H100 SXM", (r"\bH100\b", r"\bSXM\d*\b|\bHBM3\b|\b80 ?GB\b"), 3.35e12, 80,
-        989.4 * T, 989.4 * T, 66.9 * T, *_H100_DS, tf32_flops=494.7 * T,
+        "h100-sxm",
+        "NVIDIA H100 SXM",
+        (r"\bH100\b", r"\bSXM\d*\b|\bHBM3\b|\b80 ?GB\b"),
+        3.35e12,
+        80,
+        989.4 * T,
+        989.4 * T,
+        66.9 * T,
+        *_H100_DS,
+        tf32_flops=494.7 * T,
         note="verified: 3.35TB/s, FP32 67, BF16 1,979 sparse (hpctech.co.jp; glennklockwood.com)",
     ),
     DatasheetEntry(
-        "h200-nvl", "NVIDIA H200 NVL", (r"\bH200\b", r"\bNVL\b"), 4.8e12, 141,
-        835.5 * T, 835.5 * T, 60 * T, *_H200_DS, tf32_flops=417.5 * T,
+        "h200-nvl",
+        "NVIDIA H200 NVL",
+        (r"\bH200\b", r"\bNVL\b"),
+        4.8e12,
+        141,
+        835.5 * T,
+        835.5 * T,
+        60 * T,
+        *_H200_DS,
+        tf32_flops=417.5 * T,
         note="141GB/4.8TB/s verified (aiwiki.ai); FP32 60 and BF16 1,671 sparse not verified here",
     ),
     DatasheetEntry(
-        "h200-sxm", "NVIDIA H200 SXM", (r"\bH200\b",), 4.8e12, 141,
-        989.4 * T, 989.4 * T, 66.9 * T, *_H200_DS, tf32_flops=494.7 * T,
+        "h200-sxm",
+        "NVIDIA H200 SXM",
+        (r"\bH200\b",),
+        4.8e12,
+        141,
+        989.4 * T,
+        989.4 * T,
+        66.9 * T,
+        *_H200_DS,
+        tf32_flops=494.7 * T,
         note="verified: 141GB, 4.8TB/s, BF16 ~989 dense (itkb.uw.cz, aiminingco.com); FP32 as H100 SXM "
         "(same GH100 SXM configuration)",
     ),
     DatasheetEntry(
-        "h20", "NVIDIA H20", (r"\bH20\b",), 4.0e12, 96,
-        148 * T, 148 * T, 44 * T, "NVIDIA H20 specifications (no public NVIDIA datasheet)",
-        "https://willitrunai.com/es/gpus/h20-96gb", tf32_flops=74 * T,
+        "h20",
+        "NVIDIA H20",
+        (r"\bH20\b",),
+        4.0e12,
+        96,
+        148 * T,
+        148 * T,
+        44 * T,
+        "NVIDIA H20 specifications (no public NVIDIA datasheet)",
+        "https://willitrunai.com/es/gpus/h20-96gb",
+        tf32_flops=74 * T,
         note="verified only against third-party pages (96GB, 4.0TB/s, FP16 148 dense, FP32 44, TF32 74); "
         "a 141GB H20 variant may report the same name",
     ),
     # --- Ampere A100: PCIe before SXM, 80GB before 40GB ---
     DatasheetEntry(
-        "a100-80gb-pcie", "NVIDIA A100 80GB PCIe", (r"\bA100\b", r"\bPCIE\b", r"\b80 ?GB\b"), 1.935e12, 80,
-        312 * T, 312 * T, 19.5 * T, *_A100_DS, tf32_flops=156 * T,
+        "a100-80gb-pcie",
+        "NVIDIA A100 80GB PCIe",
+        (r"\bA100\b", r"\bPCIE\b", r"\b80 ?GB\b"),
+        1.935e12,
+        80,
+        312 * T,
+        312 * T,
+        19.5 * T,
+        *_A100_DS,
+        tf32_flops=156 * T,
         note="verified: 1,935GB/s (thundercompute.com), 312/19.5 TFLOPS",
     ),
     DatasheetEntry(
-        "a100-40gb-pcie", "NVIDIA A100 40GB PCIe", (r"\bA100\b", r"\bPCIE\b"), 1.555e12, 40,
-        312 * T, 312 * T, 19.5 * T, *_A100_DS, tf32_flops=156 * T,
+        "a100-40gb-pcie",
+        "NVIDIA A100 40GB PCIe",
+        (r"\bA100\b", r"\bPCIE\b"),
+        1.555e12,
+        40,
+        312 * T,
+        312 * T,
+        19.5 * T,
+        *_A100_DS,
+        tf32_flops=156 * T,
         note="verified: 1,555GB/s, 312 BF16 dense, 19.5 FP32 (glennklockwood.com citing the datasheet)",
     ),
     DatasheetEntry(
-        "a100-80gb-sxm", "NVIDIA A100 80GB SXM", (r"\bA100\b", r"\b80 ?GB\b"), 2.039e12, 80,
-        312 * T, 312 * T, 19.5 * T, *_A100_DS, tf32_flops=156 * T,
+        "a100-80gb-sxm",
+        "NVIDIA A100 80GB SXM",
+        (r"\bA100\b", r"\b80 ?GB\b"),
+        2.039e12,
+        80,
+        312 * T,
+        312 * T,
+        19.5 * T,
+        *_A100_DS,
+        tf32_flops=156 * T,
         note="verified: 2,039GB/s, 312 BF16 dense, 19.5 FP32 (glennklockwood.com citing the datasheet)",
     ),
     DatasheetEntry(
-        "a100-40gb-sxm", "NVIDIA A100 40GB SXM", (r"\bA100\b", r"\bSXM\d*\b|\b40 ?GB\b"), 1.555e12, 40,
-        312 * T, 312 * T, 19.5 * T, *_A100_DS, tf32_flops=156 * T,
+        "a100-40gb-sxm",
+        "NVIDIA A100 40GB SXM",
+        (r"\bA100\b", r"\bSXM\d*\b|\b40 ?GB\b"),
+        1.555e12,
+        40,
+        312 * T,
+        312 * T,
+        19.5 * T,
+        *_A100_DS,
+        tf32_flops=156 * T,
         note="verified: 1,555GB/s, 312/19.5 TFLOPS",
     ),
     # --- Ada data centre: L40S before L40 before L4 (each guarded by \b anyway) ---
     DatasheetEntry(
-        "l40s", "NVIDIA L40S", (r"\bL40S\b",), 864 * GB_S, 48,
-        362.05 * T, 362.05 * T, 91.6 * T, *_L40_DS, tf32_flops=183 * T,
+        "l40s",
+        "NVIDIA L40S",
+        (r"\bL40S\b",),
+        864 * GB_S,
+        48,
+        362.05 * T,
+        362.05 * T,
+        91.6 * T,
+        *_L40_DS,
+        tf32_flops=183 * T,
         note="verified: 864GB/s, FP32 91.6, BF16 362.05 dense / 733 sparse (datasheet table reproduced "
         "by mullet.se)",
     ),
     DatasheetEntry(
-        "l40", "NVIDIA L40", (r"\bL40\b",), 864 * GB_S, 48,
-        181.05 * T, 181.05 * T, 90.5 * T, *_L40_DS, tf32_flops=90.5 * T,
+        "l40",
+        "NVIDIA L40",
+        (r"\bL40\b",),
+        864 * GB_S,
+        48,
+        181.05 * T,
+        181.05 * T,
+        90.5 * T,
+        *_L40_DS,
+        tf32_flops=90.5 * T,
         note="verified: 864GB/s, FP32 90.5, BF16 181.05 dense (same table)",
     ),
     DatasheetEntry(
-        "l4", "NVIDIA L4", (r"\bL4\b",), 300 * GB_S, 24,
-        121 * T, 121 * T, 30.3 * T, "NVIDIA L4 Tensor Core GPU datasheet",
-        "https://www.nvidia.com/en-us/data-center/l4/", tf32_flops=60 * T,
+        "l4",
+        "NVIDIA L4",
+        (r"\bL4\b",),
+        300 * GB_S,
+        24,
+        121 * T,
+        121 * T,
+        30.3 * T,
+        "NVIDIA L4 Tensor Core GPU datasheet",
+        "https://www.nvidia.com/en-us/data-center/l4/",
+        tf32_flops=60 * T,
         note="verified: 300GB/s, FP16 242 sparse (grokipedia), FP32 30.3 (fpsbench), TF32 120 sparse",
     ),
     # --- GeForce: FP16/BF16 with FP32 accumulate run at half the FP16-accumulate rate ---
     DatasheetEntry(
-        "rtx-5090", "NVIDIA GeForce RTX 5090", (r"\bRTX 5090\b",), 1792 * GB_S, 32,
-        209.5 * T, 209.5 * T, 104.8 * T, *_RTX_BW_WP, tf32_flops=104.8 * T,
+        "rtx-5090",
+        "NVIDIA GeForce RTX 5090",
+        (r"\bRTX 5090\b",),
+        1792 * GB_S,
+        32,
+        209.5 * T,
+        209.5 * T,
+        104.8 * T,
+        *_RTX_BW_WP,
+        tf32_flops=104.8 * T,
         exclude=(r"\bRTX 5090 D\b",),
         note="verified: 1,792GB/s, FP32 ~104.8, FP16 838 sparse with FP16 accumulate; the FP32-accumulate "
         "dense rate 209.5 assumes GeForce half rate as on Ada and is not verified here",
     ),
     DatasheetEntry(
-        "rtx-4090", "NVIDIA GeForce RTX 4090", (r"\bRTX 4090\b",), 1008 * GB_S, 24,
-        165.2 * T, 165.2 * T, 82.6 * T, *_ADA_WP, tf32_flops=82.6 * T,
+        "rtx-4090",
+        "NVIDIA GeForce RTX 4090",
+        (r"\bRTX 4090\b",),
+        1008 * GB_S,
+        24,
+        165.2 * T,
+        165.2 * T,
+        82.6 * T,
+        *_ADA_WP,
+        tf32_flops=82.6 * T,
         exclude=(r"\bRTX 4090 D\b",),
         note="verified: 1,008GB/s, FP32 82.6, FP16/BF16 tensor with FP32 accumulate 165.2 dense "
         "(hmc-tech.com, waredb.com)",
     ),
     # --- Blackwell data centre: \bB200 does not match GB200 ---
     DatasheetEntry(
-        "b200", "NVIDIA B200 (HGX)", (r"\bB200\b",), 7.7e12, 180,
-        2.25 * P, 2.25 * P, 75 * T, "NVIDIA HGX B200 datasheet (per-GPU figures)",
-        "https://www.nvidia.com/en-us/data-center/hgx/", tf32_flops=1.1 * P,
+        "b200",
+        "NVIDIA B200 (HGX)",
+        (r"\bB200\b",),
+        7.7e12,
+        180,
+        2.25 * P,
+        2.25 * P,
+        75 * T,
+        "NVIDIA HGX B200 datasheet (per-GPU figures)",
+        "https://www.nvidia.com/en-us/data-center/hgx/",
+        tf32_flops=1.1 * P,
         note="verified: 180GB, 7.7TB/s, BF16 4.5PF sparse, FP32 75 (HGX datasheet table reproduced by "
         "zdszero.github.io); older DGX B200 material quotes 8TB/s and FP32 80",
     ),
     # --- AMD CDNA 3 (ROCm torch reports it through torch.cuda) ---
     DatasheetEntry(
-        "mi300x", "AMD Instinct MI300X", (r"\bMI300X\b",), 5.3e12, 192,
-        1307.4 * T, 1307.4 * T, 163.4 * T, "AMD Instinct MI300X data sheet",
-        "https://www.amd.com/en/products/accelerators/instinct/mi300/mi300x.html", tf32_flops=653.7 * T,
+        "mi300x",
+        "AMD Instinct MI300X",
+        (r"\bMI300X\b",),
+        5.3e12,
+        192,
+        1307.4 * T,
+        1307.4 * T,
+        163.4 * T,
+        "AMD Instinct MI300X data sheet",
+        "https://www.amd.com/en/products/accelerators/instinct/mi300/mi300x.html",
+        tf32_flops=653.7 * T,
         note="verified: 192GB, 5.3TB/s, BF16 1,307.4 dense (github alpharomercoma/MI300X-vs-H200, "
         "codesota.com); FP32 vector 163.4 not verified here (one third-party page says 164.6)",
     ),
@@ -316,8 +459,9 @@ def _detect_cpu() -> DeviceInfo:
     name = _cpu_model_name()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     total, available = _cpu_memory()
-    return DeviceInfo("cpu", name, total, available, _cpu_llc_bytes(), cores,
-                      machine_id_for("cpu", name, cores, total))
+    return DeviceInfo(
+        "cpu", name, total, available, _cpu_llc_bytes(), cores, machine_id_for("cpu", name, cores, total)
+    )
 
 
 def _cpu_model_name() -> str:
@@ -390,8 +534,9 @@ def _detect_cuda(device: torch.device) -> DeviceInfo:
     free, total = torch.cuda.mem_get_info(index)
     llc = int(getattr(props, "L2_cache_size", 0) or 0) or FALLBACK_LLC_BYTES
     cores = int(props.multi_processor_count)
-    return DeviceInfo("cuda", name, int(total), int(free), llc, cores,
-                      machine_id_for("cuda", name, cores, int(total)))
+    return DeviceInfo(
+        "cuda", name, int(total), int(free), llc, cores, machine_id_for("cuda", name, cores, int(total))
+    )
 
 
 def _nvml_name(props: Any) -> str | None:

@@ -254,7 +254,8 @@ def denominators_note(rows: Sequence[RowResult]) -> str:
         f"S-MBU, MBU: ÷ {human_bytes(p.bandwidth_bytes_per_s)}/s ({p.bandwidth_source}).  "
         f"S-MFU, MFU: ÷ {human_flops(p.flops_per_s)}/s {p.dtype} ({p.flops_source}).  "
         f"Ridge point {rows[0].util.ridge_point:.1f} FLOP/byte.  Timing: {rows[0].time.method}, "
-        f"median of {len(rows[0].time.samples_s)} reps; {cache}.  Counts: {rows[0].counter_impl}."
+        f"median of {len(rows[0].time.samples_s)} reps; {cache}.  Counts: {rows[0].counter_impl}.  "
+        "Dense MBU/MFU count every expert as read and computed: above 100% where sparsity saves work."
     )
 
 

@@ -33,9 +33,14 @@ def _load_builtin() -> None:
                 raise
 
 
+# The baseline first, then from general to specialised (the order of "all" and of reports).
+PREFERRED_ORDER = ("loop", "grouped", "cpu_fused", "triton")
+
+
 def backend_names() -> list[str]:
     _load_builtin()
-    return list(_REGISTRY)
+    rank = {name: i for i, name in enumerate(PREFERRED_ORDER)}
+    return sorted(_REGISTRY, key=lambda name: rank.get(name, len(rank)))
 
 
 def get_backend(name: str) -> Backend:

@@ -14,9 +14,16 @@ from moecap_kernels.kernels.lazy_jit import lazy_jit
 
 @lazy_jit
 def combine_kernel(
-    routed_ptr, shared_ptr, y_ptr, hidden,
-    stride_rm, stride_sm, stride_ym,
-    TOP_K: tl.constexpr, NUM_SHARED: tl.constexpr, BLOCK_H: tl.constexpr,
+    routed_ptr,
+    shared_ptr,
+    y_ptr,
+    hidden,
+    stride_rm,
+    stride_sm,
+    stride_ym,
+    TOP_K: tl.constexpr,
+    NUM_SHARED: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)

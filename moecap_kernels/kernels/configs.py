@@ -64,13 +64,15 @@ def _parse_table(text: str, file_name: str) -> dict[int, KernelConfig]:
     try:
         data = json.loads(text)
         return {
-            int(m): KernelConfig(**{key: int(entry[key]) for key in CONFIG_KEYS},
-                                 source=f"tuned: {file_name} (M={m})")
+            int(m): KernelConfig(
+                **{key: int(entry[key]) for key in CONFIG_KEYS}, source=f"tuned: {file_name} (M={m})"
+            )
             for m, entry in data.items()
         }
     except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"tuned config {file_name}: malformed ({exc}); expected "
-                        f"{{\"M\": {{{', '.join(CONFIG_KEYS)}}}}}") from None
+        raise UserError(
+            f'tuned config {file_name}: malformed ({exc}); expected {{"M": {{{", ".join(CONFIG_KEYS)}}}}}'
+        ) from None
 
 
 @cache
@@ -87,8 +89,15 @@ def _pow2_at_least_16(n: int) -> int:
     return max(16, 1 << max(0, n - 1).bit_length())
 
 
-def heuristic_config(num_tokens: int, num_experts: int, top_k: int, hidden_size: int,
-                     intermediate_size: int, elem_bytes: int, gated: bool = True) -> KernelConfig:
+def heuristic_config(
+    num_tokens: int,
+    num_experts: int,
+    top_k: int,
+    hidden_size: int,
+    intermediate_size: int,
+    elem_bytes: int,
+    gated: bool = True,
+) -> KernelConfig:
     """Block sizes from the expected rows per expert (T·k/E) and the shape.
 
     Decode (few rows per expert) is weight-bandwidth bound: a 16-row M-block wastes the least
@@ -108,17 +117,28 @@ def heuristic_config(num_tokens: int, num_experts: int, top_k: int, hidden_size:
         cfg = replace(cfg, block_k=max(16, cfg.block_k // 2))
     # Never tile past the (power-of-two rounded) problem: small layers would only mask work away.
     widest_n = max(intermediate_size, hidden_size)
-    cfg = replace(cfg, block_n=min(cfg.block_n, _pow2_at_least_16(widest_n)),
-                  block_k=min(cfg.block_k, _pow2_at_least_16(min(intermediate_size, hidden_size))))
+    cfg = replace(
+        cfg,
+        block_n=min(cfg.block_n, _pow2_at_least_16(widest_n)),
+        block_k=min(cfg.block_k, _pow2_at_least_16(min(intermediate_size, hidden_size))),
+    )
     weight_tiles = 2 if gated else 1
     stage_bytes = (cfg.block_m * cfg.block_k + weight_tiles * cfg.block_k * cfg.block_n) * elem_bytes
     stages = max(2, min(cfg.num_stages, SMEM_BUDGET_BYTES // stage_bytes))
     return replace(cfg, num_stages=stages, source="heuristic")
 
 
-def get_config(num_tokens: int, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
-               dtype: torch.dtype, device: torch.device, gated: bool = True,
-               folder: str | None = None) -> KernelConfig:
+def get_config(
+    num_tokens: int,
+    num_experts: int,
+    top_k: int,
+    hidden_size: int,
+    intermediate_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    gated: bool = True,
+    folder: str | None = None,
+) -> KernelConfig:
     """The tuned config nearest ``num_tokens`` if a file matches, else the heuristic (``source`` says)."""
     dtype_name = str(dtype).removeprefix("torch.")
     name = config_file_name(num_experts, intermediate_size, device_name(device), dtype_name)

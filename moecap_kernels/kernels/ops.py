@@ -57,9 +57,18 @@ def _check_layout(sorted_pair_ids: torch.Tensor, block_expert_ids: torch.Tensor,
 
 
 def launch_gate_up(
-    x: torch.Tensor, w_in: torch.Tensor, h: torch.Tensor, sorted_pair_ids: torch.Tensor,
-    block_expert_ids: torch.Tensor, num_padded: torch.Tensor, counters: torch.Tensor, top_k: int,
-    gated: bool, activation: str, config: list[int], count: bool,
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    h: torch.Tensor,
+    sorted_pair_ids: torch.Tensor,
+    block_expert_ids: torch.Tensor,
+    num_padded: torch.Tensor,
+    counters: torch.Tensor,
+    top_k: int,
+    gated: bool,
+    activation: str,
+    config: list[int],
+    count: bool,
 ) -> None:
     """Fill the routed rows of ``h`` [max_padded, F] (padding rows are left as they were)."""
     block_m, block_n, block_k, group_m, num_warps, num_stages = config
@@ -76,41 +85,92 @@ def launch_gate_up(
     grid = (num_m_blocks * triton.cdiv(inter, block_n),)
     with _device_guard(x):
         gate_up_kernel[grid](
-            x, w_in, h, sorted_pair_ids, block_expert_ids, num_padded, counters,
-            x.shape[0] * top_k, hidden, inter, num_m_blocks,
-            x.stride(0), x.stride(1), w_in.stride(0), w_in.stride(1), w_in.stride(2),
-            h.stride(0), h.stride(1),
-            TOP_K=top_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-            GATED=gated, ACTIVATION=ACTIVATION_CODES[activation],
-            INPUT_PRECISION=_input_precision(x.dtype), COUNT=count, W_BYTES=w_in.element_size(),
-            num_warps=num_warps, num_stages=num_stages,
+            x,
+            w_in,
+            h,
+            sorted_pair_ids,
+            block_expert_ids,
+            num_padded,
+            counters,
+            x.shape[0] * top_k,
+            hidden,
+            inter,
+            num_m_blocks,
+            x.stride(0),
+            x.stride(1),
+            w_in.stride(0),
+            w_in.stride(1),
+            w_in.stride(2),
+            h.stride(0),
+            h.stride(1),
+            TOP_K=top_k,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            GROUP_M=group_m,
+            GATED=gated,
+            ACTIVATION=ACTIVATION_CODES[activation],
+            INPUT_PRECISION=_input_precision(x.dtype),
+            COUNT=count,
+            W_BYTES=w_in.element_size(),
+            num_warps=num_warps,
+            num_stages=num_stages,
         )
 
 
 @torch.library.custom_op("moecap::moe_gate_up", mutates_args=("counters",))
 def moe_gate_up(
-    x: torch.Tensor, w_in: torch.Tensor, sorted_pair_ids: torch.Tensor, block_expert_ids: torch.Tensor,
-    num_padded: torch.Tensor, counters: torch.Tensor, top_k: int, gated: bool, activation: str,
-    config: list[int], count: bool,
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    sorted_pair_ids: torch.Tensor,
+    block_expert_ids: torch.Tensor,
+    num_padded: torch.Tensor,
+    counters: torch.Tensor,
+    top_k: int,
+    gated: bool,
+    activation: str,
+    config: list[int],
+    count: bool,
 ) -> torch.Tensor:
     inter = w_in.shape[1] // (2 if gated else 1)
     h = torch.empty((sorted_pair_ids.numel(), inter), dtype=x.dtype, device=x.device)
-    launch_gate_up(x, w_in, h, sorted_pair_ids, block_expert_ids, num_padded, counters, top_k, gated,
-                   activation, config, count)
+    launch_gate_up(
+        x,
+        w_in,
+        h,
+        sorted_pair_ids,
+        block_expert_ids,
+        num_padded,
+        counters,
+        top_k,
+        gated,
+        activation,
+        config,
+        count,
+    )
     return h
 
 
 @moe_gate_up.register_fake
-def _(x, w_in, sorted_pair_ids, block_expert_ids, num_padded, counters, top_k, gated, activation, config,
-      count):
+def _(
+    x, w_in, sorted_pair_ids, block_expert_ids, num_padded, counters, top_k, gated, activation, config, count
+):
     inter = w_in.shape[1] // (2 if gated else 1)
     return x.new_empty((sorted_pair_ids.shape[0], inter))
 
 
 def launch_down(
-    h: torch.Tensor, w_out: torch.Tensor, out: torch.Tensor, sorted_pair_ids: torch.Tensor,
-    block_expert_ids: torch.Tensor, num_padded: torch.Tensor, topk_weights: torch.Tensor,
-    counters: torch.Tensor, config: list[int], atomic: bool, count: bool,
+    h: torch.Tensor,
+    w_out: torch.Tensor,
+    out: torch.Tensor,
+    sorted_pair_ids: torch.Tensor,
+    block_expert_ids: torch.Tensor,
+    num_padded: torch.Tensor,
+    topk_weights: torch.Tensor,
+    counters: torch.Tensor,
+    config: list[int],
+    atomic: bool,
+    count: bool,
 ) -> None:
     """Weighted down projection: atomically added into ``out`` [T, H] (fp32), or stored to its pair rows."""
     block_m, block_n, block_k, group_m, num_warps, num_stages = config
@@ -128,28 +188,69 @@ def launch_down(
     grid = (num_m_blocks * triton.cdiv(hidden, block_n),)
     with _device_guard(h):
         down_kernel[grid](
-            h, w_out, out, sorted_pair_ids, block_expert_ids, num_padded, pair_weights, counters,
-            num_tokens * top_k, hidden, inter, num_m_blocks,
-            h.stride(0), h.stride(1), w_out.stride(0), w_out.stride(1), w_out.stride(2),
-            out.stride(0), out.stride(1),
-            TOP_K=top_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-            ATOMIC=atomic, INPUT_PRECISION=_input_precision(h.dtype), COUNT=count,
-            W_BYTES=w_out.element_size(), num_warps=num_warps, num_stages=num_stages,
+            h,
+            w_out,
+            out,
+            sorted_pair_ids,
+            block_expert_ids,
+            num_padded,
+            pair_weights,
+            counters,
+            num_tokens * top_k,
+            hidden,
+            inter,
+            num_m_blocks,
+            h.stride(0),
+            h.stride(1),
+            w_out.stride(0),
+            w_out.stride(1),
+            w_out.stride(2),
+            out.stride(0),
+            out.stride(1),
+            TOP_K=top_k,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            GROUP_M=group_m,
+            ATOMIC=atomic,
+            INPUT_PRECISION=_input_precision(h.dtype),
+            COUNT=count,
+            W_BYTES=w_out.element_size(),
+            num_warps=num_warps,
+            num_stages=num_stages,
         )
 
 
 @torch.library.custom_op("moecap::moe_down", mutates_args=("counters",))
 def moe_down(
-    h: torch.Tensor, w_out: torch.Tensor, sorted_pair_ids: torch.Tensor, block_expert_ids: torch.Tensor,
-    num_padded: torch.Tensor, topk_weights: torch.Tensor, counters: torch.Tensor, config: list[int],
-    atomic: bool, count: bool,
+    h: torch.Tensor,
+    w_out: torch.Tensor,
+    sorted_pair_ids: torch.Tensor,
+    block_expert_ids: torch.Tensor,
+    num_padded: torch.Tensor,
+    topk_weights: torch.Tensor,
+    counters: torch.Tensor,
+    config: list[int],
+    atomic: bool,
+    count: bool,
 ) -> torch.Tensor:
     num_tokens, top_k = topk_weights.shape
     rows = num_tokens if atomic else num_tokens * top_k
     alloc = torch.zeros if atomic else torch.empty
     out = alloc((rows, w_out.shape[1]), dtype=torch.float32, device=h.device)
-    launch_down(h, w_out, out, sorted_pair_ids, block_expert_ids, num_padded, topk_weights, counters,
-                config, atomic, count)
+    launch_down(
+        h,
+        w_out,
+        out,
+        sorted_pair_ids,
+        block_expert_ids,
+        num_padded,
+        topk_weights,
+        counters,
+        config,
+        atomic,
+        count,
+    )
     return out
 
 
@@ -160,8 +261,9 @@ def _(h, w_out, sorted_pair_ids, block_expert_ids, num_padded, topk_weights, cou
     return h.new_empty((rows, w_out.shape[1]), dtype=torch.float32)
 
 
-def launch_combine(routed: torch.Tensor, shared: torch.Tensor, y: torch.Tensor, top_k: int,
-                   num_shared: int) -> None:
+def launch_combine(
+    routed: torch.Tensor, shared: torch.Tensor, y: torch.Tensor, top_k: int, num_shared: int
+) -> None:
     """y[t] = Σ_j routed[t·k + j] + Σ_s shared[t·S + s], in that order, cast to y's dtype."""
     num_tokens, hidden = y.shape
     if routed.stride(1) != 1 or y.stride(1) != 1 or (num_shared and shared.stride(1) != 1):
@@ -172,8 +274,16 @@ def launch_combine(routed: torch.Tensor, shared: torch.Tensor, y: torch.Tensor, 
     grid = (num_tokens, triton.cdiv(hidden, COMBINE_BLOCK_H))
     with _device_guard(routed):
         combine_kernel[grid](
-            routed, shared, y, hidden, routed.stride(0), shared.stride(0), y.stride(0),
-            TOP_K=top_k, NUM_SHARED=num_shared, BLOCK_H=COMBINE_BLOCK_H,
+            routed,
+            shared,
+            y,
+            hidden,
+            routed.stride(0),
+            shared.stride(0),
+            y.stride(0),
+            TOP_K=top_k,
+            NUM_SHARED=num_shared,
+            BLOCK_H=COMBINE_BLOCK_H,
         )
 
 
@@ -193,22 +303,55 @@ def _(routed, shared, top_k, num_shared, out_dtype):
 
 
 @register_flop_formula(torch.ops.moecap.moe_gate_up)
-def _gate_up_flops(x, w_in, sorted_pair_ids, block_expert_ids, num_padded, counters, top_k, gated,
-                   activation, config, count, *, out_shape=None) -> int:
+def _gate_up_flops(
+    x,
+    w_in,
+    sorted_pair_ids,
+    block_expert_ids,
+    num_padded,
+    counters,
+    top_k,
+    gated,
+    activation,
+    config,
+    count,
+    *,
+    out_shape=None,
+) -> int:
     """Useful FLOPs: 2 per multiply-add of each routed pair's row (padding rows excluded)."""
     return 2 * x[0] * top_k * w_in[1] * w_in[2]
 
 
 @register_flop_formula(torch.ops.moecap.moe_down)
-def _down_flops(h, w_out, sorted_pair_ids, block_expert_ids, num_padded, topk_weights, counters, config,
-                atomic, count, *, out_shape=None) -> int:
+def _down_flops(
+    h,
+    w_out,
+    sorted_pair_ids,
+    block_expert_ids,
+    num_padded,
+    topk_weights,
+    counters,
+    config,
+    atomic,
+    count,
+    *,
+    out_shape=None,
+) -> int:
     return 2 * topk_weights[0] * topk_weights[1] * w_out[1] * w_out[2]
 
 
 def fused_experts(
-    x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor, config: KernelConfig, *, gated: bool = True, activation: str = "silu",
-    atomic: bool = True, counters: torch.Tensor | None = None,
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    config: KernelConfig,
+    *,
+    gated: bool = True,
+    activation: str = "silu",
+    atomic: bool = True,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Experts ``w_in``/``w_out`` ([E, F_in, H], [E, H, F]) over a routing, without the final cast.
 
@@ -221,7 +364,28 @@ def fused_experts(
     if counters is None:
         counters = torch.empty(3, dtype=torch.int64, device=x.device)  # never touched when not counting
     cfg = config.as_list()
-    h = moe_gate_up(x, w_in, routing.sorted_pair_ids, routing.block_expert_ids, routing.num_padded,
-                    counters, topk_ids.shape[1], gated, activation, cfg, count)
-    return moe_down(h, w_out, routing.sorted_pair_ids, routing.block_expert_ids, routing.num_padded,
-                    topk_weights, counters, cfg, atomic, count)
+    h = moe_gate_up(
+        x,
+        w_in,
+        routing.sorted_pair_ids,
+        routing.block_expert_ids,
+        routing.num_padded,
+        counters,
+        topk_ids.shape[1],
+        gated,
+        activation,
+        cfg,
+        count,
+    )
+    return moe_down(
+        h,
+        w_out,
+        routing.sorted_pair_ids,
+        routing.block_expert_ids,
+        routing.num_padded,
+        topk_weights,
+        counters,
+        cfg,
+        atomic,
+        count,
+    )
