@@ -31,15 +31,16 @@ import torch
 from rich.console import Console
 
 from moecap_kernels import hardware
-from moecap_kernels._ext import extension_status
+from moecap_kernels._ext import extension_status, has_op
 from moecap_kernels.backends import backend_names, get_backend
+from moecap_kernels.counters import CountAccumulator
 from moecap_kernels.dtypes import torch_dtype
 from moecap_kernels.report import human_bytes, write_atomic
 from moecap_kernels.routing import RoutingChoice
 from moecap_kernels.runner import BackendRun, ProfileRequest, Row, Scenario, needs_flush
 from moecap_kernels.spec import MoESpec, load_preset
-from moecap_kernels.timing import CacheFlusher, time_interleaved
-from moecap_kernels.weights import random_weights
+from moecap_kernels.timing import CacheFlusher, time_interleaved, time_region
+from moecap_kernels.weights import MoEWeights, random_weights
 
 FULL_MODELS = ("mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b", "deepseek-v2-lite")
 QUICK_MODELS = ("qwen3-30b-a3b", "olmoe-1b-7b")
@@ -54,7 +55,6 @@ QUICK_SCENARIOS = (
     Scenario("decode", 32),
     Scenario("prefill", 1, 512),
 )
-OVERHEAD_SUFFIX = " (no counters)"
 
 
 @dataclass(frozen=True)
@@ -70,11 +70,13 @@ class Measured:
     p90_s: float
     compulsory_bytes: int
     useful_flops: int
-    s_mbu: float
+    s_mbu: float  # against the bandwidth calibrated at the start of the run
+    s_mbu_paired: float  # against a streaming read timed interleaved with this scenario's runs
     s_mfu: float
     roofline_s: float
     speedup_vs_loop: float | None
-    counting_overhead: float | None  # median(on) / median(off) − 1, for the best backend only
+    counting_overhead: float | None  # median(on) / median(off) − 1, for the last backend only
+    counting_cost_s: float  # one forward's device-side counting, timed alone over many calls
 
 
 # --- ceilings and their cross-checks -------------------------------------------------------------
@@ -118,6 +120,23 @@ def ceiling_checks(calibration: hardware.Calibration, dtype: str) -> dict[str, A
     }
 
 
+def compulsory_weights(weights: MoEWeights, ids: torch.Tensor) -> list[torch.Tensor]:
+    """The weight tensors one forward must read: activated experts, shared experts, router."""
+    activated = torch.unique(ids).tolist()
+    tensors = [w[e] for e in activated for w in (weights.w_in, weights.w_out)]
+    tensors += [
+        w[s] for s in range(weights.shared_w_in.shape[0]) for w in (weights.shared_w_in, weights.shared_w_out)
+    ]
+    return [*tensors, weights.router]
+
+
+def counting_cost_s(spec: MoESpec, ids: torch.Tensor, device: torch.device, calls: int = 2000) -> float:
+    """Seconds one forward's counting adds, timed alone: the interleaved on/off difference is noise-bound."""
+    counter = CountAccumulator(spec, device)
+    stats = time_region(lambda i: [counter.add(ids) for _ in range(calls)], device, warmup=1, reps=5)
+    return stats.median / calls
+
+
 # --- one layer -----------------------------------------------------------------------------------
 
 
@@ -132,6 +151,7 @@ def compare_layer(
     console: Console,
 ) -> list[Measured]:
     weights = random_weights(spec, device, seed=0)
+    read = torch.ops.moecap.stream_read if has_op("stream_read", device.type) else torch.sum
     rows = []
     for scenario in scenarios:
         request = ProfileRequest(
@@ -148,6 +168,12 @@ def compare_layer(
         runs = [BackendRun(request, weights, row, name) for name in backends]
         best_guess = backends[-1]  # measured below; the overhead pair uses the last (fastest-intended) one
         runs.append(BackendRun(request, weights, row, best_guess, count=False))
+        # This machine's read bandwidth depends on where a buffer's pages landed (45 to 80 GB/s seen
+        # here), so the paired ceiling streams the very bytes the layer must read: the activated
+        # experts', the shared experts' and the router's weights, in the same interleaving.
+        probe = compulsory_weights(weights, row.ids)
+        probe_bytes = sum(t.numel() * t.element_size() for t in probe)
+        runs.append(lambda i, probe=probe: [read(t) for t in probe])
         flush = needs_flush(spec, row, info)
         timings = time_interleaved(
             runs,
@@ -155,14 +181,16 @@ def compare_layer(
             warmup=request.warmup,
             reps=request.reps,
             between=CacheFlusher(info.llc_bytes, device) if flush else None,
-            after_warmup=[run.reset_counts for run in runs],
+            after_warmup=[run.reset_counts for run in runs[:-1]],
         )
         results = [
             run.finish(scenario, timing, info, peaks, flush)
-            for run, timing in zip(runs[:-1], timings[:-1], strict=True)
+            for run, timing in zip(runs[:-2], timings[:-2], strict=True)
         ]
+        paired_bandwidth = probe_bytes / timings[-1].median
         loop_time = next((r.time.median for r in results if r.backend == "loop"), None)
-        overhead = timings[len(backends) - 1].median / timings[-1].median - 1
+        counting_cost = counting_cost_s(spec, row.ids, device)
+        overhead = timings[len(backends) - 1].median / timings[-2].median - 1
         for r in results:
             rows.append(
                 Measured(
@@ -176,16 +204,19 @@ def compare_layer(
                     compulsory_bytes=r.bytes.compulsory,
                     useful_flops=r.flops.useful,
                     s_mbu=r.util.s_mbu,
+                    s_mbu_paired=r.bytes.compulsory / r.time.median / paired_bandwidth,
                     s_mfu=r.util.s_mfu,
                     roofline_s=r.util.roofline_time_s,
                     speedup_vs_loop=None if loop_time is None else loop_time / r.time.median,
                     counting_overhead=overhead if r.backend == best_guess else None,
+                    counting_cost_s=counting_cost,
                 )
             )
         best = min(results, key=lambda r: r.time.median)
         console.print(
             f"  {spec.name} {scenario.phase} T={row.ids.shape[0]}: best {best.backend} "
-            f"{best.time.median * 1e3:.2f} ms, S-MBU {best.util.s_mbu:.2f}, S-MFU {best.util.s_mfu:.2f}"
+            f"{best.time.median * 1e3:.2f} ms, S-MBU {best.util.s_mbu:.2f} (paired "
+            f"{best.bytes.compulsory / best.time.median / paired_bandwidth:.2f}), S-MFU {best.util.s_mfu:.2f}"
         )
     del weights
     return rows
@@ -211,17 +242,31 @@ def markdown(rows: list[Measured], checks: dict[str, Any], header: dict[str, str
     (gemm_name, gemm_value), (_, ratio) = list(checks["gemm_check"].items())
     lines += [f"| {gemm_name} | {gemm_value / 1e9:.0f} GFLOP/s | {ratio:.2f} |", ""]
     lines += [
-        "| model | phase | T | backend | median | p10–p90 | S-MBU | S-MFU | vs loop | roofline | × roofline "
-        "| counting overhead |",
-        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "Columns: S-MBU against the read bandwidth calibrated at the start; S-MBU paired against a streaming "
+        "read (stream_read) of the very weights the forward must read, timed interleaved with the scenario's "
+        "runs (this machine's bandwidth depends on where a buffer's pages lie); S-MFU against the calibrated "
+        "GEMM peak; roofline = max(bytes / "
+        "calibrated bandwidth, FLOPs / GEMM peak); counting alone = one forward's device-side counting timed "
+        "over many calls, and its share of the backend's median; on/off = the interleaved difference with "
+        "counting disabled (for the last backend; noise-bound when the forward is short).",
+        "",
+    ]
+    lines += [
+        "| model | phase | T | backend | median | p10–p90 | S-MBU | S-MBU paired | S-MFU | vs loop "
+        "| roofline "
+        "| × roofline | counting: alone | counting: on/off |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         speedup = "—" if r.speedup_vs_loop is None else f"{r.speedup_vs_loop:.2f}×"
         overhead = "" if r.counting_overhead is None else f"{100 * r.counting_overhead:+.1f}%"
         lines.append(
             f"| {r.model} | {r.phase} | {r.tokens} | {r.backend} | {r.median_s * 1e3:.2f} ms "
-            f"| {r.p10_s * 1e3:.2f}–{r.p90_s * 1e3:.2f} | {r.s_mbu:.2f} | {r.s_mfu:.2f} | {speedup} "
-            f"| {r.roofline_s * 1e3:.2f} ms | {r.median_s / r.roofline_s:.2f} | {overhead} |"
+            f"| {r.p10_s * 1e3:.2f}–{r.p90_s * 1e3:.2f} | {r.s_mbu:.2f} | {r.s_mbu_paired:.2f} "
+            f"| {r.s_mfu:.2f} "
+            f"| {speedup} "
+            f"| {r.roofline_s * 1e3:.2f} ms | {r.median_s / r.roofline_s:.2f} "
+            f"| {r.counting_cost_s * 1e6:.1f} µs = {100 * r.counting_cost_s / r.median_s:.2f}% | {overhead} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -245,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     checks = ceiling_checks(calibration, args.dtype) if device.type == "cpu" else {}
     models = args.models.split(",") if args.models else (QUICK_MODELS if args.quick else FULL_MODELS)
     scenarios = QUICK_SCENARIOS if args.quick else FULL_SCENARIOS
-    reps = {"decode": 6, "prefill": 2} if args.quick else {"decode": 12, "prefill": 3}
+    reps = {"decode": 8, "prefill": 2} if args.quick else {"decode": 25, "prefill": 3}
     dtype = torch_dtype(args.dtype)
     # backend_names(): loop (the baseline) first, the most specialised last (it gets the overhead pair)
     backends = tuple(n for n in backend_names() if get_backend(n).availability(device, dtype) is None)

@@ -3,17 +3,13 @@
 At decode a MoE layer is bound by reading the activated experts' weights. The op (csrc/cpu_moe.cpp)
 streams each activated expert's gate, up and down rows exactly once with all of that expert's
 routed tokens batched, on all cores, and reaches close to the machine's streaming read bandwidth.
-Shared experts go through the same op (each is an expert every token is routed to with weight 1):
-on Qwen1.5-MoE-A2.7B's shared expert that is 39 GB/s against 27 GB/s for torch at T = 1, and
-still faster at T = 12 (T pairs per shared expert; the same threshold applies).
+Shared experts go through the same op (each is an expert every token is routed to with weight 1)
+while T stays under the same threshold.
 
 With many tokens per expert (prefill) the work turns compute-bound and torch's GEMMs are faster,
-so above ``FUSED_MAX_PAIRS_PER_EXPERT`` routed pairs per expert (T·k / E) a torch GEMM loop over
-the hit experts runs instead (torch._grouped_mm on a CPU measured no faster than that loop).
-Measured on the 2-core AMD EPYC CI machine in bf16: the op beats torch up to 4 pairs per expert
-on Mixtral-8x7B (T = 16), ties at 6-8 (T = 24-32) and loses at 16 (T = 64: 166 ms against 118 ms);
-on Qwen3-30B-A3B, with small experts, it still wins at 16 (T = 256) and loses at 32 (T = 512).
-The threshold takes the smaller crossover.
+so above ``FUSED_MAX_PAIRS_PER_EXPERT`` routed pairs per expert (T·k / E) the ``grouped`` path
+runs instead. The threshold is the smaller of the crossovers measured on Mixtral-8x7B and
+Qwen3-30B-A3B with ``python benchmarks/cpu_kernel_bench.py`` on the 2-core CI machine.
 """
 
 from __future__ import annotations
@@ -21,7 +17,8 @@ from __future__ import annotations
 import torch
 
 from moecap_kernels.backends import register
-from moecap_kernels.backends.base import Backend, add_shared_experts, expert_mlp
+from moecap_kernels.backends.base import Backend, add_shared_experts
+from moecap_kernels.backends.grouped import grouped_experts
 from moecap_kernels.spec import MoESpec
 from moecap_kernels.weights import MoEWeights
 
@@ -71,30 +68,6 @@ def fused_experts(
     )
 
 
-def torch_experts(
-    x: torch.Tensor,
-    weights: MoEWeights,
-    spec: MoESpec,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-) -> torch.Tensor:
-    """The routed experts with torch GEMMs: pairs sorted by expert, one GEMM pair per hit expert."""
-    flat = topk_ids.reshape(-1)
-    order = flat.argsort(stable=True)
-    tokens = order // spec.top_k
-    scale = topk_weights.reshape(-1)[order].to(x.dtype).unsqueeze(1)
-    counts = torch.bincount(flat, minlength=spec.num_experts).tolist()
-    y = torch.zeros_like(x)
-    start = 0
-    for expert, count in enumerate(counts):
-        if count:
-            rows = tokens[start : start + count]
-            out = expert_mlp(x[rows], weights.w_in[expert], weights.w_out[expert], spec)
-            y.index_add_(0, rows, out * scale[start : start + count])
-        start += count
-    return y
-
-
 def _contiguous(weights: MoEWeights) -> bool:
     """The op reads weights in place and rejects strided ones (copying them would cost more)."""
     tensors = (weights.w_in, weights.w_out, weights.shared_w_in, weights.shared_w_out)
@@ -125,7 +98,7 @@ class CpuFusedBackend(Backend):
         if use_fused(tokens, spec) and contiguous:
             y = fused_experts(x, weights.w_in, weights.w_out, topk_ids, topk_weights, spec)
         else:
-            y = torch_experts(x, weights, spec, topk_ids, topk_weights)
+            y = grouped_experts(x, weights, spec, topk_ids, topk_weights)
         if not spec.num_shared_experts:
             return y
         # Every token is routed to each shared expert: T pairs per shared expert.
