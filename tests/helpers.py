@@ -14,6 +14,20 @@ def tiny_spec(**overrides) -> MoESpec:
     return MoESpec(**{**base, **overrides})
 
 
+def spec_shape(spec: MoESpec) -> tuple:
+    """The layer-shape fields of a spec (everything but name, dtypes and source), for comparisons."""
+    return (
+        spec.hidden_size,
+        spec.intermediate_size,
+        spec.num_experts,
+        spec.top_k,
+        spec.num_shared_experts,
+        spec.shared_intermediate_size,
+        spec.router_scoring,
+        spec.renormalize,
+    )
+
+
 def per_pair_reference(x, weights, spec, topk_ids, topk_weights) -> torch.Tensor:
     """y in float64 by the definition: for every token, for every routed pair, one expert matvec."""
     f = spec.intermediate_size

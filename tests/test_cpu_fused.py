@@ -47,8 +47,15 @@ def act64(v: torch.Tensor, activation: int) -> torch.Tensor:
     return 0.5 * v * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v**3)))
 
 
-def reference(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, ids: torch.Tensor,
-              weights: torch.Tensor, gated: bool, activation: int) -> torch.Tensor:
+def reference(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    gated: bool,
+    activation: int,
+) -> torch.Tensor:
     """Plain loop over the routed (token, slot) pairs, everything in float64."""
     f = w_out.shape[2]
     y = torch.zeros(x.shape, dtype=torch.float64)
@@ -67,8 +74,9 @@ def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 # --- inputs ---------------------------------------------------------------------------------------
-def make_problem(t: int, h: int, f: int, e: int, k: int, gated: bool, dtype: torch.dtype,
-                 seed: int = 0) -> tuple[torch.Tensor, ...]:
+def make_problem(
+    t: int, h: int, f: int, e: int, k: int, gated: bool, dtype: torch.dtype, seed: int = 0
+) -> tuple[torch.Tensor, ...]:
     """x, w_in, w_out (1/sqrt(fan_in) scale), distinct top-k ids per token, positive weights."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(t, h, generator=gen).to(dtype)
@@ -85,8 +93,18 @@ def poison_allocator(numel: int, dtype: torch.dtype) -> None:
     del poisoned
 
 
-def check(t: int, h: int, f: int, e: int, k: int, gated: bool, activation: int, dtype: torch.dtype,
-          max_isa: int = -1, ids: torch.Tensor | None = None) -> None:
+def check(
+    t: int,
+    h: int,
+    f: int,
+    e: int,
+    k: int,
+    gated: bool,
+    activation: int,
+    dtype: torch.dtype,
+    max_isa: int = -1,
+    ids: torch.Tensor | None = None,
+) -> None:
     x, w_in, w_out, drawn, weights = make_problem(t, h, f, e, k, gated, dtype)
     ids = drawn if ids is None else ids
     poison_allocator(t * h, dtype)
@@ -217,26 +235,46 @@ def test_thread_count_does_not_change_the_result() -> None:
 
 # --- the backend ------------------------------------------------------------------------------------
 def make_layer(shared: int, dtype: torch.dtype, seed: int = 1) -> tuple[MoESpec, MoEWeights]:
-    spec = MoESpec(name="test", hidden_size=72, intermediate_size=40, num_experts=6, top_k=2,
-                   num_shared_experts=shared, shared_intermediate_size=56 if shared else 0)
+    spec = MoESpec(
+        name="test",
+        hidden_size=72,
+        intermediate_size=40,
+        num_experts=6,
+        top_k=2,
+        num_shared_experts=shared,
+        shared_intermediate_size=56 if shared else 0,
+    )
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen) * shape[-1] ** -0.5).to(dtype)
 
     h, f, e, fs = 72, 40, 6, 56
-    weights = MoEWeights(router=rand(e, h), w_in=rand(e, 2 * f, h), w_out=rand(e, h, f),
-                         shared_w_in=rand(shared, 2 * fs, h), shared_w_out=rand(shared, h, fs))
+    weights = MoEWeights(
+        router=rand(e, h),
+        w_in=rand(e, 2 * f, h),
+        w_out=rand(e, h, f),
+        shared_w_in=rand(shared, 2 * fs, h),
+        shared_w_out=rand(shared, h, fs),
+    )
     return spec, weights
 
 
-def layer_reference(x: torch.Tensor, spec: MoESpec, w: MoEWeights, ids: torch.Tensor,
-                    weights: torch.Tensor) -> torch.Tensor:
+def layer_reference(
+    x: torch.Tensor, spec: MoESpec, w: MoEWeights, ids: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     y = reference(x, w.w_in, w.w_out, ids, weights, True, SILU)
     for s in range(spec.num_shared_experts):
         every = torch.zeros(x.shape[0], 1, dtype=torch.int64)
-        y += reference(x, w.shared_w_in[s : s + 1], w.shared_w_out[s : s + 1], every,
-                       torch.ones(x.shape[0], 1), True, SILU)
+        y += reference(
+            x,
+            w.shared_w_in[s : s + 1],
+            w.shared_w_out[s : s + 1],
+            every,
+            torch.ones(x.shape[0], 1),
+            True,
+            SILU,
+        )
     return y
 
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from moecap_kernels.errors import UserError
 from moecap_kernels.hf_config import spec_from_hf_config
 from moecap_kernels.spec import MoESpec, list_presets, load_preset
+from tests.helpers import spec_shape
 
 Config = dict[str, Any]
 
@@ -23,19 +24,6 @@ def write_config(folder: Path, config: Any, name: str = "config.json") -> Path:
     path = folder / name
     path.write_text(json.dumps(config))
     return path
-
-
-def shape(spec: MoESpec) -> tuple:
-    return (
-        spec.hidden_size,
-        spec.intermediate_size,
-        spec.num_experts,
-        spec.top_k,
-        spec.num_shared_experts,
-        spec.shared_intermediate_size,
-        spec.router_scoring,
-        spec.renormalize,
-    )
 
 
 # --- configs in each family's layout, written from a MoESpec ------------------------------------
@@ -154,7 +142,7 @@ def test_every_preset_round_trips_through_its_family_layout(tmp_path: Path, name
     assert name in PRESET_LAYOUT, f"add preset {name!r} to PRESET_LAYOUT"
     preset = load_preset(name)
     spec = spec_from_hf_config(write_config(tmp_path / name, PRESET_LAYOUT[name](preset)))
-    assert shape(spec) == shape(preset)
+    assert spec_shape(spec) == spec_shape(preset)
     assert (spec.gated, spec.activation) == (preset.gated, preset.activation)
     assert spec.name == name and spec.weight_dtype == spec.act_dtype == "bfloat16"
 
@@ -252,7 +240,7 @@ REAL = {
 @pytest.mark.parametrize("case", REAL)
 def test_real_layouts(tmp_path: Path, case: str) -> None:
     config, expected = REAL[case]
-    assert shape(spec_from_hf_config(write_config(tmp_path, config))) == expected
+    assert spec_shape(spec_from_hf_config(write_config(tmp_path, config))) == expected
 
 
 def test_name_prefers_name_or_path_then_folder(tmp_path: Path) -> None:

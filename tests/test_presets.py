@@ -10,6 +10,7 @@ import pytest
 
 from moecap_kernels import spec as spec_module
 from moecap_kernels.spec import MoESpec, list_presets, load_preset
+from tests.helpers import spec_shape
 
 PRESET_DIR = Path(spec_module.__file__).parent / "presets"
 REQUIRED = (
@@ -44,19 +45,6 @@ PUBLISHED = [
 ]
 
 
-def shape(spec: MoESpec) -> tuple:
-    return (
-        spec.hidden_size,
-        spec.intermediate_size,
-        spec.num_experts,
-        spec.top_k,
-        spec.num_shared_experts,
-        spec.shared_intermediate_size,
-        spec.router_scoring,
-        spec.renormalize,
-    )
-
-
 def test_required_presets_ship() -> None:
     assert set(REQUIRED) <= set(list_presets())
 
@@ -84,7 +72,7 @@ def test_preset_cites_its_config(name: str) -> None:
 
 @pytest.mark.parametrize("expected", PUBLISHED, ids=[row[0] for row in PUBLISHED])
 def test_published_figures(expected: tuple) -> None:
-    assert shape(load_preset(expected[0])) == expected[1:]
+    assert spec_shape(load_preset(expected[0])) == expected[1:]
 
 
 def test_lookup_is_case_insensitive() -> None:

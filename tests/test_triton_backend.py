@@ -31,8 +31,15 @@ def triton_interpreter():
 
 
 def make_spec(dtype: str = "float16", **overrides) -> MoESpec:
-    base = dict(name="tiny", hidden_size=72, intermediate_size=40, num_experts=6, top_k=2,
-                weight_dtype=dtype, act_dtype=dtype)
+    base = dict(
+        name="tiny",
+        hidden_size=72,
+        intermediate_size=40,
+        num_experts=6,
+        top_k=2,
+        weight_dtype=dtype,
+        act_dtype=dtype,
+    )
     return MoESpec(**{**base, **overrides})
 
 
@@ -46,8 +53,9 @@ def routed_inputs(spec: MoESpec, tokens: int, seed: int):
 
 def reference(x, weights, spec, ids, topk_weights):
     shared = (weights.shared_w_in, weights.shared_w_out) if spec.num_shared_experts else (None, None)
-    return reference_moe(x, weights.w_in, weights.w_out, ids, topk_weights, spec.gated, spec.activation,
-                         *shared)
+    return reference_moe(
+        x, weights.w_in, weights.w_out, ids, topk_weights, spec.gated, spec.activation, *shared
+    )
 
 
 def backend(**options):
@@ -124,8 +132,14 @@ def test_deterministic_forward_is_bitwise_reproducible():
 
 @pytest.mark.parametrize("gated", [True, False])
 def test_kernel_counters_read_and_reset(gated):
-    spec = make_spec("float16", hidden_size=64, intermediate_size=96, gated=gated,
-                     num_shared_experts=1, shared_intermediate_size=32)
+    spec = make_spec(
+        "float16",
+        hidden_size=64,
+        intermediate_size=96,
+        gated=gated,
+        num_shared_experts=1,
+        shared_intermediate_size=32,
+    )
     weights = random_weights(spec, seed=8)
     x, ids, topk_weights = routed_inputs(spec, 23, seed=9)
     b = backend(count=True, config=SMALL)
@@ -134,13 +148,21 @@ def test_kernel_counters_read_and_reset(gated):
     shared = expected_counters(torch.zeros(23, 1, dtype=torch.int64), 1, 16, spec.params_per_shared_expert, 2)
     want = [a + b for a, b in zip(routed, shared, strict=True)]
     got = b.read_kernel_counters()
-    assert got == {"block_m": 16, "padded_rows": want[0], "executed_flops": want[1],
-                   "issued_weight_bytes": want[2]}
+    assert got == {
+        "block_m": 16,
+        "padded_rows": want[0],
+        "executed_flops": want[1],
+        "issued_weight_bytes": want[2],
+    }
     b.forward(x, weights, spec, ids, topk_weights)  # accumulates until reset
     assert b.read_kernel_counters()["executed_flops"] == 2 * want[1]
     b.reset_kernel_counters()
-    assert b.read_kernel_counters() == {"block_m": 16, "padded_rows": 0, "executed_flops": 0,
-                                        "issued_weight_bytes": 0}
+    assert b.read_kernel_counters() == {
+        "block_m": 16,
+        "padded_rows": 0,
+        "executed_flops": 0,
+        "issued_weight_bytes": 0,
+    }
 
 
 def test_counting_off_leaves_counters_alone():
@@ -160,8 +182,10 @@ def test_flop_counter_over_forward_is_useful_flops(deterministic):
     x, ids, topk_weights = routed_inputs(spec, tokens, seed=13)
     with FlopCounterMode(display=False) as counter:
         backend(deterministic=deterministic, config=SMALL).forward(x, weights, spec, ids, topk_weights)
-    useful = (2 * tokens * spec.top_k * spec.params_per_expert
-              + 2 * tokens * spec.num_shared_experts * spec.params_per_shared_expert)
+    useful = (
+        2 * tokens * spec.top_k * spec.params_per_expert
+        + 2 * tokens * spec.num_shared_experts * spec.params_per_shared_expert
+    )
     assert counter.get_total_flops() == useful
 
 

@@ -67,8 +67,9 @@ def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).abs().max() / want.abs().max()).item()
 
 
-def make_layer(rng: random.Random, tokens, experts, top_k, hidden, inter, gated, dtype, num_shared=0,
-               inter_s=0):
+def make_layer(
+    rng: random.Random, tokens, experts, top_k, hidden, inter, gated, dtype, num_shared=0, inter_s=0
+):
     gen = torch.Generator().manual_seed(rng.randrange(2**31))
 
     def randn(*shape, fan_in):
@@ -91,15 +92,35 @@ def make_layer(rng: random.Random, tokens, experts, top_k, hidden, inter, gated,
 def run_layer(layer, config, gated, activation, atomic, counters=None):
     """The kernels end to end, shared experts as extra experts with weight 1; y in fp32."""
     x = layer["x"]
-    out = ops.fused_experts(x, layer["w_in"], layer["w_out"], layer["ids"], layer["weights"], config,
-                            gated=gated, activation=activation, atomic=atomic, counters=counters)
+    out = ops.fused_experts(
+        x,
+        layer["w_in"],
+        layer["w_out"],
+        layer["ids"],
+        layer["weights"],
+        config,
+        gated=gated,
+        activation=activation,
+        atomic=atomic,
+        counters=counters,
+    )
     num_shared = layer["shared_w_in"].shape[0] if "shared_w_in" in layer else 0
     shared = out.new_empty((0, out.shape[1]))
     if num_shared:
         ids = torch.arange(num_shared).expand(x.shape[0], num_shared)
         ones = torch.ones(x.shape[0], num_shared)
-        shared = ops.fused_experts(x, layer["shared_w_in"], layer["shared_w_out"], ids, ones, config,
-                                   gated=gated, activation=activation, atomic=atomic, counters=counters)
+        shared = ops.fused_experts(
+            x,
+            layer["shared_w_in"],
+            layer["shared_w_out"],
+            ids,
+            ones,
+            config,
+            gated=gated,
+            activation=activation,
+            atomic=atomic,
+            counters=counters,
+        )
     if atomic:
         return out + shared if num_shared else out
     return ops.moe_combine(out, shared, layer["ids"].shape[1], num_shared, torch.float32)
@@ -117,8 +138,20 @@ def test_each_kernel_writes_exactly_its_rows(dtype, gated, activation):
     counters = torch.zeros(3, dtype=torch.int64)
 
     h = torch.full((routing.max_padded, inter), float("nan"), dtype=dtype)
-    ops.launch_gate_up(layer["x"], layer["w_in"], h, routing.sorted_pair_ids, routing.block_expert_ids,
-                       routing.num_padded, counters, top_k, gated, activation, cfg, False)
+    ops.launch_gate_up(
+        layer["x"],
+        layer["w_in"],
+        h,
+        routing.sorted_pair_ids,
+        routing.block_expert_ids,
+        routing.num_padded,
+        counters,
+        top_k,
+        gated,
+        activation,
+        cfg,
+        False,
+    )
     pairs = routing.sorted_pair_ids.tolist()
     for row, pair in enumerate(pairs):
         if pair == tokens * top_k:  # padding: never written
@@ -130,13 +163,25 @@ def test_each_kernel_writes_exactly_its_rows(dtype, gated, activation):
         assert rel_error(h[row], want) < TOLERANCE[dtype]
 
     rows = torch.full((tokens * top_k, hidden), float("nan"))
-    ops.launch_down(h, layer["w_out"], rows, routing.sorted_pair_ids, routing.block_expert_ids,
-                    routing.num_padded, layer["weights"], counters, cfg, False, False)
+    ops.launch_down(
+        h,
+        layer["w_out"],
+        rows,
+        routing.sorted_pair_ids,
+        routing.block_expert_ids,
+        routing.num_padded,
+        layer["weights"],
+        counters,
+        cfg,
+        False,
+        False,
+    )
     assert rows.isfinite().all()
     y = torch.full((tokens, hidden), float("nan"), dtype=dtype)
     ops.launch_combine(rows, rows[:0], y, top_k, 0)
-    want = reference_moe(layer["x"], layer["w_in"], layer["w_out"], layer["ids"], layer["weights"], gated,
-                         activation)
+    want = reference_moe(
+        layer["x"], layer["w_in"], layer["w_out"], layer["ids"], layer["weights"], gated, activation
+    )
     assert rel_error(y, want) < TOLERANCE[dtype]
     assert counters.tolist() == [0, 0, 0]  # COUNT off: nothing counted
 
@@ -158,19 +203,39 @@ def random_case(seed: int):
         "inter_s": rng.randint(32, 96),
         "atomic": rng.random() < 0.5,
     }
-    config = KernelConfig(rng.choice([16, 32]), rng.choice([32, 64]), rng.choice([16, 32, 64]),
-                          group_m=rng.choice([1, 4]))
+    config = KernelConfig(
+        rng.choice([16, 32]), rng.choice([32, 64]), rng.choice([16, 32, 64]), group_m=rng.choice([1, 4])
+    )
     return rng, case, config
 
 
 @pytest.mark.parametrize("seed", range(30))
 def test_random_layers_match_float64(seed):
     rng, c, config = random_case(seed)
-    layer = make_layer(rng, c["tokens"], c["experts"], c["top_k"], c["hidden"], c["inter"], c["gated"],
-                       c["dtype"], c["num_shared"], c["inter_s"])
+    layer = make_layer(
+        rng,
+        c["tokens"],
+        c["experts"],
+        c["top_k"],
+        c["hidden"],
+        c["inter"],
+        c["gated"],
+        c["dtype"],
+        c["num_shared"],
+        c["inter_s"],
+    )
     y = run_layer(layer, config, c["gated"], c["activation"], c["atomic"])
-    want = reference_moe(layer["x"], layer["w_in"], layer["w_out"], layer["ids"], layer["weights"],
-                         c["gated"], c["activation"], layer.get("shared_w_in"), layer.get("shared_w_out"))
+    want = reference_moe(
+        layer["x"],
+        layer["w_in"],
+        layer["w_out"],
+        layer["ids"],
+        layer["weights"],
+        c["gated"],
+        c["activation"],
+        layer.get("shared_w_in"),
+        layer.get("shared_w_out"),
+    )
     assert y.isfinite().all()
     assert rel_error(y, want) < TOLERANCE[c["dtype"]], (c, config)
 
@@ -234,19 +299,29 @@ def test_custom_ops_pass_opcheck():
     gate_up_args = (layer["x"], layer["w_in"], *layout, counters, top_k, True, "silu", cfg, True)
     # The padding rows of h are left unwritten (never read), so eager and traced h differ there:
     # the comparison of whole outputs under AOT tracing does not apply to this op.
-    torch.library.opcheck(ops.moe_gate_up, gate_up_args,
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(
+        ops.moe_gate_up,
+        gate_up_args,
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
     h = ops.moe_gate_up(*gate_up_args)
     for atomic in (True, False):
-        torch.library.opcheck(ops.moe_down, (h, layer["w_out"], *layout, layer["weights"], counters, cfg,
-                                             atomic, True))
+        torch.library.opcheck(
+            ops.moe_down, (h, layer["w_out"], *layout, layer["weights"], counters, cfg, atomic, True)
+        )
     rows = ops.moe_down(h, layer["w_out"], *layout, layer["weights"], counters, cfg, False, False)
     torch.library.opcheck(ops.moe_combine, (rows, rows[:0], top_k, 0, torch.float16))
 
 
 # --- compiled mode: the kernels build for Hopper (sm_90) even without a GPU -----------------------
-def _hopper_compile(kernel, pointers: dict[str, str], constexprs: dict, unit_strides: tuple[str, ...],
-                    num_warps: int, num_stages: int):
+def _hopper_compile(
+    kernel,
+    pointers: dict[str, str],
+    constexprs: dict,
+    unit_strides: tuple[str, ...],
+    num_warps: int,
+    num_stages: int,
+):
     """Compile ``kernel`` to a cubin for sm_90 with Triton's bundled ptxas; the PTX text."""
     import triton
 
@@ -259,15 +334,17 @@ def _hopper_compile(kernel, pointers: dict[str, str], constexprs: dict, unit_str
         pytest.skip("this triton has no NVIDIA backend")
     fn = triton.jit(kernel.fn)  # TRITON_INTERPRET is unset here: a compiled JITFunction
     constexprs = {**constexprs, **dict.fromkeys(unit_strides, 1)}  # as the launcher specialises them
-    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32")
-                 for name in fn.arg_names}
+    signature = {
+        name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in fn.arg_names
+    }
     try:
         source = ASTSource(fn, signature, constexprs)
     except TypeError:
         pytest.skip("this triton's ASTSource takes other arguments")
     target = GPUTarget("cuda", 90, 32)
-    compiled = triton.compile(source, target=target,
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+    compiled = triton.compile(
+        source, target=target, options={"num_warps": num_warps, "num_stages": num_stages}
+    )
     return compiled.asm["ptx"]
 
 
@@ -275,14 +352,21 @@ def _has_atomics(ptx: str) -> bool:
     return re.search(r"^\s*(@%p\d+\s+)?(atom|red)\.", ptx, re.MULTILINE) is not None
 
 
-LAYOUT_POINTERS = {"pair_ids_ptr": "*i32", "block_expert_ptr": "*i32", "num_padded_ptr": "*i32",
-                   "counters_ptr": "*i64"}
+LAYOUT_POINTERS = {
+    "pair_ids_ptr": "*i32",
+    "block_expert_ptr": "*i32",
+    "num_padded_ptr": "*i32",
+    "counters_ptr": "*i64",
+}
 
 
 @pytest.mark.parametrize(
     ("dtype", "block", "gated", "activation", "count"),
-    [("bf16", (16, 64, 128), True, 0, True), ("bf16", (128, 128, 64), False, 1, False),
-     ("fp32", (64, 64, 32), True, 1, True)],
+    [
+        ("bf16", (16, 64, 128), True, 0, True),
+        ("bf16", (128, 128, 64), False, 1, False),
+        ("fp32", (64, 64, 32), True, 1, True),
+    ],
 )
 def test_gate_up_compiles_for_hopper(monkeypatch, dtype, block, gated, activation, count):
     from moecap_kernels.kernels.grouped_gemm import gate_up_kernel
@@ -291,11 +375,26 @@ def test_gate_up_compiles_for_hopper(monkeypatch, dtype, block, gated, activatio
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # the default; set to silence triton 3.9
     pointers = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", **LAYOUT_POINTERS}
     block_m, block_n, block_k = block
-    constexprs = dict(TOP_K=8, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, GATED=gated,
-                      ACTIVATION=activation, INPUT_PRECISION="ieee" if dtype == "fp32" else None,
-                      COUNT=count, W_BYTES=4 if dtype == "fp32" else 2)
-    ptx = _hopper_compile(gate_up_kernel, pointers, constexprs, ("stride_xh", "stride_wh", "stride_hf"),
-                          num_warps=8 if block_m == 128 else 4, num_stages=3)
+    constexprs = dict(
+        TOP_K=8,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        GROUP_M=8,
+        GATED=gated,
+        ACTIVATION=activation,
+        INPUT_PRECISION="ieee" if dtype == "fp32" else None,
+        COUNT=count,
+        W_BYTES=4 if dtype == "fp32" else 2,
+    )
+    ptx = _hopper_compile(
+        gate_up_kernel,
+        pointers,
+        constexprs,
+        ("stride_xh", "stride_wh", "stride_hf"),
+        num_warps=8 if block_m == 128 else 4,
+        num_stages=3,
+    )
     assert _has_atomics(ptx) == count  # the counters are compiled in only when COUNT is on
     if dtype == "bf16" and block_m >= 64:
         assert "wgmma" in ptx
@@ -308,14 +407,30 @@ def test_down_and_combine_compile_for_hopper(monkeypatch, dtype, atomic, count):
 
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # the default; set to silence triton 3.9
-    pointers = {"h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "out_ptr": "*fp32", "pair_weights_ptr": "*fp32",
-                **LAYOUT_POINTERS}
-    constexprs = dict(TOP_K=8, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, ATOMIC=atomic,
-                      INPUT_PRECISION=None, COUNT=count, W_BYTES=2)
-    ptx = _hopper_compile(down_kernel, pointers, constexprs, ("stride_hf", "stride_wf", "stride_oh"),
-                          num_warps=4, num_stages=3)
+    pointers = {
+        "h_ptr": f"*{dtype}",
+        "w_ptr": f"*{dtype}",
+        "out_ptr": "*fp32",
+        "pair_weights_ptr": "*fp32",
+        **LAYOUT_POINTERS,
+    }
+    constexprs = dict(
+        TOP_K=8,
+        BLOCK_M=64,
+        BLOCK_N=128,
+        BLOCK_K=64,
+        GROUP_M=8,
+        ATOMIC=atomic,
+        INPUT_PRECISION=None,
+        COUNT=count,
+        W_BYTES=2,
+    )
+    ptx = _hopper_compile(
+        down_kernel, pointers, constexprs, ("stride_hf", "stride_wf", "stride_oh"), num_warps=4, num_stages=3
+    )
     assert _has_atomics(ptx) == (atomic or count)
     rows = {"routed_ptr": "*fp32", "shared_ptr": "*fp32", "y_ptr": f"*{dtype}"}
-    ptx = _hopper_compile(combine_kernel, rows, dict(TOP_K=8, NUM_SHARED=1, BLOCK_H=256), (), num_warps=4,
-                          num_stages=1)
+    ptx = _hopper_compile(
+        combine_kernel, rows, dict(TOP_K=8, NUM_SHARED=1, BLOCK_H=256), (), num_warps=4, num_stages=1
+    )
     assert not _has_atomics(ptx)
