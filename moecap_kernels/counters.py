@@ -86,6 +86,12 @@ class CountAccumulator:
         self.expert_flops_per_pair = 2 * spec.params_per_expert
         self.implementation = "extension" if self._want_extension(use_extension) else "torch"
         self.stats = torch.zeros(self.num_experts + len(STAT_FIELDS), dtype=torch.int64, device=self.device)
+        # The op's overload, looked up once: add() runs inside the timed loop.
+        self._op = (
+            getattr(torch.ops, _ext.LIB_NAMESPACE).count_routing.default
+            if self.implementation == "extension"
+            else None
+        )
 
     def _want_extension(self, use_extension: bool | None) -> bool:
         if use_extension is False:
@@ -100,10 +106,8 @@ class CountAccumulator:
     def add(self, topk_ids: torch.Tensor) -> None:
         """Adds one forward's routing ``topk_ids`` [T, k] (integer, on ``device``). No host sync."""
         ids = self._check_ids(topk_ids)
-        if self.implementation == "extension":
-            getattr(torch.ops, _ext.LIB_NAMESPACE).count_routing(
-                ids, self.stats, self.num_experts, self.expert_weight_bytes, self.expert_flops_per_pair
-            )
+        if self._op is not None:
+            self._op(ids, self.stats, self.num_experts, self.expert_weight_bytes, self.expert_flops_per_pair)
         else:
             self._add_torch(ids)
 
