@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--no-accuracy", action="store_true", help="skip the float64 reference check")
     peaks = p.add_argument_group("peaks (denominators)")
     peaks.add_argument(
+        "--list-devices", action="store_true", help="print the datasheet table of peaks and exit"
+    )
+    peaks.add_argument(
         "--calibrate",
         action="store_true",
         help="measure this machine's bandwidth and GEMM peak (cached) and use them",
@@ -245,6 +248,9 @@ def run(argv: Sequence[str] | None, console: Console) -> int:
     args = build_parser().parse_args(argv)
     if args.list_models:
         list_models(console)
+        return 0
+    if args.list_devices:
+        console.print(hardware.format_datasheet(), markup=False, highlight=False)
         return 0
     device = resolve_device(args.device)
     if args.list_backends:

@@ -134,6 +134,12 @@ def test_list_models(capsys):
     assert "mixtral-8x7b" in out and "deepseek-v3" in out
 
 
+def test_list_devices(capsys):
+    code, out, _ = run_cli(capsys, "--list-devices")
+    assert code == 0
+    assert "H200" in out and "A100" in out and "MI300X" in out
+
+
 def bad_trace(tmp_path: Path, content) -> str:
     np.save(tmp_path / "t.npy", np.asarray(content))
     return f"trace:{tmp_path / 't.npy'}"
