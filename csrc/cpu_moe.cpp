@@ -281,8 +281,7 @@ struct Routing {
 };
 
 // How one phase splits a matrix's rows. A work unit is `unit` rows: long, so each thread streams
-// long contiguous runs (measured: +25-40% over 64 KiB units when the machine grants more than
-// ~50 GB/s) yet several per thread, so a thread slowed by another process is covered by the
+// long contiguous runs (faster than 64 KiB units in benchmarks/cpu_kernel_bench.py) yet several per thread, so a thread slowed by another process is covered by the
 // others. Units are read in passes of `pass` rows (~kPassBytes) that stay in L2 while further
 // 4-token chunks of the same expert reuse them.
 struct Blocking {

@@ -11,7 +11,6 @@ Accumulator layout, int64 [E + 6]: tokens per expert in [0, E), then ``STAT_FIEL
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from fractions import Fraction
 from typing import Any
 
 import torch
@@ -56,13 +55,21 @@ class Counts:
         totals = dict(zip(STAT_FIELDS, (int(v) for v in stats[num_experts:]), strict=True))
         return cls(tokens_per_expert=tuple(int(v) for v in stats[:num_experts]), **totals)
 
-    def per_forward(self) -> dict[str, Fraction]:
-        """Mean per forward of every summed scalar field as an exact Fraction (== an int when it divides)."""
+    def per_forward(self) -> Counts:
+        """The counts of one forward, from counts summed over identical forwards (exact integers).
+
+        Raises ValueError when a sum does not divide: the forwards did not all route alike.
+        """
         if self.forwards <= 0:
             raise ValueError("no forwards counted")
-        return {
-            name: Fraction(getattr(self, name), self.forwards) for name in STAT_FIELDS if name != "forwards"
-        }
+
+        def one(value: int) -> int:
+            if value % self.forwards:
+                raise ValueError(f"routing changed between the {self.forwards} counted forwards")
+            return value // self.forwards
+
+        scalars = {name: one(getattr(self, name)) for name in STAT_FIELDS if name != "forwards"}
+        return Counts(forwards=1, tokens_per_expert=tuple(one(n) for n in self.tokens_per_expert), **scalars)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (tokens_per_expert as a list)."""

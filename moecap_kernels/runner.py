@@ -114,27 +114,6 @@ def forced_ids(choice: RoutingChoice, tokens: int, spec: MoESpec, seed: int) -> 
     return synthetic_ids(choice, tokens, spec, seed)
 
 
-def _per_forward(total: Counts, forwards: int) -> Counts:
-    """Counts of one forward, from counts summed over ``forwards`` identical forwards (exact)."""
-    if total.forwards != forwards:
-        raise RuntimeError(f"counted {total.forwards} forwards, ran {forwards}")
-
-    def one(value: int) -> int:
-        if value % forwards:
-            raise RuntimeError("routing changed between repetitions of one row")
-        return value // forwards
-
-    return Counts(
-        forwards=1,
-        tokens_per_expert=tuple(one(n) for n in total.tokens_per_expert),
-        activated_experts=one(total.activated_experts),
-        routed_pairs=one(total.routed_pairs),
-        expert_weight_bytes=one(total.expert_weight_bytes),
-        expert_flops=one(total.expert_flops),
-        invalid_ids=one(total.invalid_ids),
-    )
-
-
 class Row:
     """The inputs shared by every backend of one scenario: x copies, forced routing, reference."""
 
@@ -200,7 +179,10 @@ class BackendRun:
         spec = self.request.spec
         if self.counter is None:
             raise RuntimeError("a run without counters has no metrics")
-        counts = _per_forward(self.counter.read(), len(timing.samples_s))
+        total = self.counter.read()
+        if total.forwards != len(timing.samples_s):
+            raise RuntimeError(f"counted {total.forwards} forwards, timed {len(timing.samples_s)}")
+        counts = total.per_forward()
         if counts.invalid_ids:
             raise UserError(
                 f"routing produced {counts.invalid_ids} expert ids outside [0, {spec.num_experts})"
@@ -268,12 +250,6 @@ def profile_row(
     return run.finish(scenario, timing, info, peaks, flush)
 
 
-def scenario_tokens(request: ProfileRequest, scenario: Scenario) -> int:
-    if request.routing.kind == "trace":
-        return int(load_trace(request.routing.path, request.spec).shape[0])
-    return scenario.tokens
-
-
 def run_profile(
     request: ProfileRequest,
     info: DeviceInfo,
@@ -282,13 +258,12 @@ def run_profile(
 ) -> list[RowResult]:
     """Every (scenario, backend) of ``request``, in order; ``on_row`` is called after each."""
     spec = request.spec
-    tokens_per = [scenario_tokens(request, s) for s in request.scenarios]
-    for tokens in tokens_per:
-        check_fits(spec, tokens, info, request.check_accuracy)
+    for scenario in request.scenarios:  # a trace's T is already in its scenario (see profile.py)
+        check_fits(spec, scenario.tokens, info, request.check_accuracy)
     weights = random_weights(spec, request.device, seed=request.seed)
     results = []
-    for scenario, tokens in zip(request.scenarios, tokens_per, strict=True):
-        row = Row(request, weights, scenario, tokens)
+    for scenario in request.scenarios:
+        row = Row(request, weights, scenario, scenario.tokens)
         for name in request.backends:
             result = profile_row(request, weights, row, scenario, name, info, peaks)
             results.append(result)

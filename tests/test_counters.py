@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -233,9 +232,11 @@ def test_use_extension_true_without_op_raises(monkeypatch: pytest.MonkeyPatch) -
 def test_counts_helpers() -> None:
     spec = make_spec(4, 2)
     counts = reference_counts(spec, [[[0, 1]], [[0, 2], [0, 9]]])
-    assert counts.per_forward()["routed_pairs"] == Fraction(5, 2)
-    assert counts.per_forward()["activated_experts"] == 2
-    assert counts.per_forward()["invalid_ids"] == Fraction(1, 2)
+    with pytest.raises(ValueError, match="routing changed"):
+        counts.per_forward()  # 3 and 2 routed pairs do not average to a whole forward
+    twice = reference_counts(spec, [[[0, 2], [0, 9]], [[0, 2], [0, 9]]]).per_forward()
+    assert (twice.forwards, twice.routed_pairs, twice.invalid_ids, twice.activated_experts) == (1, 3, 1, 2)
+    assert twice.tokens_per_expert == (2, 0, 1, 0)
     data = counts.to_dict()
     assert data["tokens_per_expert"] == [3, 1, 1, 0]
     assert set(data) == {"tokens_per_expert", *STAT_FIELDS}
