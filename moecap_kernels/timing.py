@@ -7,6 +7,7 @@ last one; on a CPU each repetition is timed with perf_counter. An optional ``bet
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -76,8 +77,14 @@ def time_interleaved(
     reps: int,
     between: Callable[[], None] | None = None,
     after_warmup: Sequence[Callable[[], None]] = (),
+    shuffle: bool = True,
 ) -> list[TimingStats]:
-    """Time several runs in turn (A B C A B C …) so drift of the machine hits them all alike."""
+    """Time several runs in turn so drift of the machine hits them all alike.
+
+    Every repetition runs each of them once, in an order shuffled per repetition (seeded, so
+    reproducible): in a fixed order A B A B … the run after A always finds the caches and threads
+    as A left them, and that bias would fall on B alone. ``shuffle=False`` keeps the order.
+    """
     if reps < 1:
         raise ValueError("reps must be >= 1")
     for i in range(warmup):
@@ -87,12 +94,16 @@ def time_interleaved(
         hook()
     _synchronize(device)
     clock = _CudaClock(device) if device.type == "cuda" else _HostClock()
+    order = list(range(len(runs)))
+    shuffler = random.Random(0)
     for i in range(reps):
-        for j, run in enumerate(runs):
+        if shuffle:
+            shuffler.shuffle(order)
+        for j in order:
             if between is not None:
                 between()
             with clock.measure(j):
-                run(i)
+                runs[j](i)
     return [TimingStats(tuple(samples), clock.method) for samples in clock.seconds(len(runs))]
 
 

@@ -28,10 +28,26 @@ def test_interleaved_order_warmup_and_hooks():
         reps=3,
         between=lambda: events.append("flush"),
         after_warmup=[lambda: events.append("reset")],
+        shuffle=False,
     )
     assert calls == [("A", 0), ("B", 0), ("A", 1), ("B", 1)] + [(n, i) for i in range(3) for n in "AB"]
     assert events == ["reset"] + ["flush"] * 6
     assert [len(s.samples_s) for s in stats] == [3, 3]
+
+
+def test_interleaved_shuffles_each_repetition_reproducibly():
+    def order() -> list[str]:
+        calls: list[str] = []
+        runs = [lambda i, n=n: calls.append(n) for n in "ABCD"]
+        time_interleaved(runs, CPU, warmup=0, reps=40)
+        return calls
+
+    calls = order()
+    reps = ["".join(calls[i : i + 4]) for i in range(0, len(calls), 4)]
+    assert all(sorted(r) == list("ABCD") for r in reps)  # each run once per repetition
+    assert len(set(reps)) > 5  # not one fixed order
+    assert {r[0] for r in reps} == set("ABCD")  # every run takes the first place sometimes
+    assert order() == calls  # seeded
 
 
 def test_time_region_measures_the_region_not_the_flush():
