@@ -328,6 +328,6 @@ def test_cpu_gemm_budget_flags_a_slow_dtype(monkeypatch: pytest.MonkeyPatch) -> 
         return real(a, b)
 
     monkeypatch.setattr(hw.torch, "matmul", slow_matmul)
-    plan = hw._Plan((8,), 3, 2, 0.3, 2048, (4096,))
+    plan = hw._Plan((8,), 1, 3, 2, 0.3, 2048, (4096,))
     flops, n, note = hw._cpu_gemm_peak("float32", plan)
     assert n < hw.SLOW_GEMM_N and note.startswith("slow path") and 1e8 < flops < 2e9
