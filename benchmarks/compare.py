@@ -1,10 +1,12 @@
 """Side-by-side comparison of every available backend on the same layers, against the roofline.
 
 For each layer and scenario, all backends run on the same weights, inputs and routing, in one
-process, interleaved (A B C A B C …) so drift of the machine hits them alike. The denominators
+process, interleaved (each repetition runs every backend once, in a shuffled order) so drift of
+the machine hits them alike. The denominators
 are this machine's measured ceilings (calibrated in the same run, and themselves checked against
 plain torch / numpy reductions and copies and a large torch.matmul). Also measured: what the
-device-side counting costs (the best backend with counters on vs off, interleaved).
+device-side counting costs: each counting call timed in place, right after its forward, and the
+last backend run with counters on and off in the same interleaving.
 
     python benchmarks/compare.py            # full: 4 layers, decode 1–64, prefill 512 and 2048
     python benchmarks/compare.py --quick    # 2 layers, fewer scenarios and repetitions
@@ -33,13 +35,13 @@ from rich.console import Console
 from moecap_kernels import hardware
 from moecap_kernels._ext import extension_status, has_op
 from moecap_kernels.backends import backend_names, get_backend
-from moecap_kernels.counters import CountAccumulator
+from moecap_kernels.counters import CountAccumulator, Counts
 from moecap_kernels.dtypes import torch_dtype
 from moecap_kernels.report import human_bytes, write_atomic
 from moecap_kernels.routing import RoutingChoice
 from moecap_kernels.runner import BackendRun, ProfileRequest, Row, Scenario, needs_flush
 from moecap_kernels.spec import MoESpec, load_preset
-from moecap_kernels.timing import CacheFlusher, time_interleaved, time_region
+from moecap_kernels.timing import CacheFlusher, time_interleaved
 from moecap_kernels.weights import MoEWeights, random_weights
 
 FULL_MODELS = ("mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b", "deepseek-v2-lite")
@@ -76,7 +78,7 @@ class Measured:
     roofline_s: float
     speedup_vs_loop: float | None
     counting_overhead: float | None  # median(on) / median(off) − 1, for the last backend only
-    counting_cost_s: float  # one forward's device-side counting, timed alone over many calls
+    counting_cost_s: float  # median time of one forward's counting, in place (InSituCounting)
 
 
 # --- ceilings and their cross-checks -------------------------------------------------------------
@@ -130,11 +132,30 @@ def compulsory_weights(weights: MoEWeights, ids: torch.Tensor) -> list[torch.Ten
     return [*tensors, weights.router]
 
 
-def counting_cost_s(spec: MoESpec, ids: torch.Tensor, device: torch.device, calls: int = 2000) -> float:
-    """Seconds one forward's counting adds, timed alone: the interleaved on/off difference is noise-bound."""
-    counter = CountAccumulator(spec, device)
-    stats = time_region(lambda i: [counter.add(ids) for _ in range(calls)], device, warmup=1, reps=5)
-    return stats.median / calls
+class InSituCounting:
+    """Wraps a run's counter and times each ``add`` where the profile makes it, right after the
+    forward: a loop of counting calls alone finds everything hot and reads several times lower.
+    On this 2-core VM the first small op after a forward, of any kind, takes 20-50 µs (an ``add_``
+    on 8 floats measured 27-57 µs there), so this is an upper bound on what counting adds.
+    perf_counter times the host side only, which on a CPU is all of it.
+    """
+
+    def __init__(self, counter: CountAccumulator) -> None:
+        self.counter = counter
+        self.implementation = counter.implementation
+        self.samples_s: list[float] = []
+
+    def add(self, topk_ids: torch.Tensor) -> None:
+        start = time.perf_counter()
+        self.counter.add(topk_ids)
+        self.samples_s.append(time.perf_counter() - start)
+
+    def reset(self) -> None:
+        self.counter.reset()
+        self.samples_s.clear()
+
+    def read(self) -> Counts:
+        return self.counter.read()
 
 
 # --- one layer -----------------------------------------------------------------------------------
@@ -166,6 +187,8 @@ def compare_layer(
         )
         row = Row(request, weights, scenario, scenario.tokens)
         runs = [BackendRun(request, weights, row, name) for name in backends]
+        for run in runs:
+            run.counter = InSituCounting(run.counter)
         best_guess = backends[-1]  # measured below; the overhead pair uses the last (fastest-intended) one
         runs.append(BackendRun(request, weights, row, best_guess, count=False))
         # This machine's read bandwidth depends on where a buffer's pages landed (45 to 80 GB/s seen
@@ -189,9 +212,8 @@ def compare_layer(
         ]
         paired_bandwidth = probe_bytes / timings[-1].median
         loop_time = next((r.time.median for r in results if r.backend == "loop"), None)
-        counting_cost = counting_cost_s(spec, row.ids, device)
         overhead = timings[len(backends) - 1].median / timings[-2].median - 1
-        for r in results:
+        for r, run in zip(results, runs[: len(results)], strict=True):
             rows.append(
                 Measured(
                     model=spec.name,
@@ -209,7 +231,7 @@ def compare_layer(
                     roofline_s=r.util.roofline_time_s,
                     speedup_vs_loop=None if loop_time is None else loop_time / r.time.median,
                     counting_overhead=overhead if r.backend == best_guess else None,
-                    counting_cost_s=counting_cost,
+                    counting_cost_s=float(np.median(run.counter.samples_s)),
                 )
             )
         best = min(results, key=lambda r: r.time.median)
@@ -245,16 +267,17 @@ def markdown(rows: list[Measured], checks: dict[str, Any], header: dict[str, str
         "Columns: S-MBU against the read bandwidth calibrated at the start; S-MBU paired against a streaming "
         "read (stream_read) of the very weights the forward must read, timed interleaved with the scenario's "
         "runs (this machine's bandwidth depends on where a buffer's pages lie); S-MFU against the calibrated "
-        "GEMM peak; roofline = max(bytes / "
-        "calibrated bandwidth, FLOPs / GEMM peak); counting alone = one forward's device-side counting timed "
-        "over many calls, and its share of the backend's median; on/off = the interleaved difference with "
-        "counting disabled (for the last backend; noise-bound when the forward is short).",
+        "GEMM peak; roofline = max(bytes / calibrated bandwidth, FLOPs / GEMM peak); counting in situ = "
+        "median time of one forward's counting where the profile runs it, right after the forward (an upper "
+        "bound: there the first small op of any kind pays 20-50 µs on this VM), and its "
+        "share of the backend's median; on/off = median with counting over median without, the last backend "
+        "run both ways in the same shuffled interleaving (noise-bound when the forward is short).",
         "",
     ]
     lines += [
         "| model | phase | T | backend | median | p10–p90 | S-MBU | S-MBU paired | S-MFU | vs loop "
         "| roofline "
-        "| × roofline | counting: alone | counting: on/off |",
+        "| × roofline | counting: in situ | counting: on/off |",
         "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
