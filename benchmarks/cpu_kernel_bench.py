@@ -59,7 +59,8 @@ class StreamProbe:
     """Streaming read bandwidth: one torch sum over a 1 GiB fp32 buffer per call."""
 
     def __init__(self) -> None:
-        self._buffer = torch.ones(GIB // 4, dtype=torch.float32)
+        # random values: pages of one constant value can be merged by the host and read from cache
+        self._buffer = torch.rand(GIB // 4, dtype=torch.float32)
         self.samples: list[float] = []
 
     def __call__(self) -> float:

@@ -142,6 +142,14 @@ def test_every_token_to_one_expert(dtype: torch.dtype) -> None:
     check(37, 72, 40, 4, 1, True, SILU, dtype, ids=ids)
 
 
+@pytest.mark.parametrize("tokens", [5, 8, 9, 16, 21])
+def test_many_tokens_per_expert_long_rows(tokens: int) -> None:
+    """An expert with more routed rows than one register tile holds (4), and K over 1024: the
+    weight pass is reused from cache by further chunks (tails: 1100 % 32, 600 % 32, 21 = 5·4 + 1)."""
+    ids = torch.stack([torch.tensor([1, 0])] * tokens)
+    check(tokens, 1100, 600, 3, 2, True, SILU, torch.bfloat16, ids=ids)
+
+
 def test_one_token_many_experts() -> None:
     check(1, 2048 + 5, 96 + 3, 16, 16, True, SILU, torch.bfloat16)
 
