@@ -142,10 +142,12 @@ def test_every_token_to_one_expert(dtype: torch.dtype) -> None:
     check(37, 72, 40, 4, 1, True, SILU, dtype, ids=ids)
 
 
-@pytest.mark.parametrize("tokens", [5, 8, 9, 16, 21])
+@pytest.mark.parametrize("tokens", [5, 9, 10, 13, 16, 21])
 def test_many_tokens_per_expert_long_rows(tokens: int) -> None:
-    """An expert with more routed rows than one register tile holds (4), and K over 1024: the
-    weight pass is reused from cache by further chunks (tails: 1100 % 32, 600 % 32, 21 = 5·4 + 1)."""
+    """Experts with more routed rows than one call of the row kernels takes (4): below 10 in
+    chunks of 4, from 10 (bf16 with vdpbf16ps) the tiled kernel in near-equal token groups of at
+    most 6 (13 = 4 + 4 + 5; 21 = 16 + 5), with K over its 1024-column blocks and row and column
+    tails (1100 % 32, 600 % 32, 1100 % 4)."""
     ids = torch.stack([torch.tensor([1, 0])] * tokens)
     check(tokens, 1100, 600, 3, 2, True, SILU, torch.bfloat16, ids=ids)
 
