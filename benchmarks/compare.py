@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     checks = ceiling_checks(calibration, args.dtype) if device.type == "cpu" else {}
     models = args.models.split(",") if args.models else (QUICK_MODELS if args.quick else FULL_MODELS)
     scenarios = QUICK_SCENARIOS if args.quick else FULL_SCENARIOS
-    reps = {"decode": 8, "prefill": 2} if args.quick else {"decode": 25, "prefill": 3}
+    reps = {"decode": 8, "prefill": 2} if args.quick else {"decode": 25, "prefill": 5}
     dtype = torch_dtype(args.dtype)
     # backend_names(): loop (the baseline) first, the most specialised last (it gets the overhead pair)
     backends = tuple(n for n in backend_names() if get_backend(n).availability(device, dtype) is None)
