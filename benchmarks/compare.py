@@ -24,6 +24,7 @@ import re
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,7 @@ class Measured:
     speedup_vs_loop: float | None
     counting_overhead: float | None  # median(on) / median(off) − 1, for the last backend only
     counting_cost_s: float  # median time of one forward's counting, in place (InSituCounting)
+    small_op_after_run_s: float  # the control: a trivial op right after a timed run (SmallOpAfterRun)
 
 
 # --- ceilings and their cross-checks -------------------------------------------------------------
@@ -135,9 +137,9 @@ def compulsory_weights(weights: MoEWeights, ids: torch.Tensor) -> list[torch.Ten
 class InSituCounting:
     """Wraps a run's counter and times each ``add`` where the profile makes it, right after the
     forward: a loop of counting calls alone finds everything hot and reads several times lower.
-    On this 2-core VM the first small op after a forward, of any kind, takes 20-50 µs (an ``add_``
-    on 8 floats measured 27-57 µs there), so this is an upper bound on what counting adds.
-    perf_counter times the host side only, which on a CPU is all of it.
+    Read it beside ``SmallOpAfterRun``: right after a forward any small op pays for cold caches,
+    so this is an upper bound on what counting adds. perf_counter times the host side only, which
+    on a CPU is all of it.
     """
 
     def __init__(self, counter: CountAccumulator) -> None:
@@ -156,6 +158,23 @@ class InSituCounting:
 
     def read(self) -> Counts:
         return self.counter.read()
+
+
+class SmallOpAfterRun:
+    """The control for ``InSituCounting``: times a trivial op (adding 0 to 8 floats) right after
+    each timed run, outside the timed regions, then calls ``then`` (the cache flush, if any)."""
+
+    def __init__(self, device: torch.device, then: Callable[[], None] | None) -> None:
+        self.buffer = torch.zeros(8, device=device)
+        self.then = then
+        self.samples_s: list[float] = []
+
+    def __call__(self) -> None:
+        start = time.perf_counter()
+        self.buffer.add_(0.0)
+        self.samples_s.append(time.perf_counter() - start)
+        if self.then is not None:
+            self.then()
 
 
 # --- one layer -----------------------------------------------------------------------------------
@@ -198,12 +217,13 @@ def compare_layer(
         probe_bytes = sum(t.numel() * t.element_size() for t in probe)
         runs.append(lambda i, probe=probe: [read(t) for t in probe])
         flush = needs_flush(spec, row, info)
+        control = SmallOpAfterRun(device, CacheFlusher(info.llc_bytes, device) if flush else None)
         timings = time_interleaved(
             runs,
             device,
             warmup=request.warmup,
             reps=request.reps,
-            between=CacheFlusher(info.llc_bytes, device) if flush else None,
+            between=control,
             after_warmup=[run.reset_counts for run in runs[:-1]],
         )
         results = [
@@ -232,6 +252,7 @@ def compare_layer(
                     speedup_vs_loop=None if loop_time is None else loop_time / r.time.median,
                     counting_overhead=overhead if r.backend == best_guess else None,
                     counting_cost_s=float(np.median(run.counter.samples_s)),
+                    small_op_after_run_s=float(np.median(control.samples_s)),
                 )
             )
         best = min(results, key=lambda r: r.time.median)
@@ -268,17 +289,18 @@ def markdown(rows: list[Measured], checks: dict[str, Any], header: dict[str, str
         "read (stream_read) of the very weights the forward must read, timed interleaved with the scenario's "
         "runs (this machine's bandwidth depends on where a buffer's pages lie); S-MFU against the calibrated "
         "GEMM peak; roofline = max(bytes / calibrated bandwidth, FLOPs / GEMM peak); counting in situ = "
-        "median time of one forward's counting where the profile runs it, right after the forward (an upper "
-        "bound: there the first small op of any kind pays 20-50 µs on this VM), and its "
-        "share of the backend's median; on/off = median with counting over median without, the last backend "
-        "run both ways in the same shuffled interleaving (noise-bound when the forward is short).",
+        "median time of one forward's counting where the profile runs it, right after the forward, and its "
+        "share of the backend's median; small op after a run = the control: median time of adding 0 to 8 "
+        "floats right after any timed run of the scenario, outside the timed regions (what any first op "
+        "pays there); on/off = median with counting over median without, the last backend run both ways "
+        "in the same shuffled interleaving (noise-bound when the forward is short).",
         "",
     ]
     lines += [
         "| model | phase | T | backend | median | p10–p90 | S-MBU | S-MBU paired | S-MFU | vs loop "
         "| roofline "
-        "| × roofline | counting: in situ | counting: on/off |",
-        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| × roofline | counting: in situ | small op after a run | counting: on/off |",
+        "| " + " | ".join(["---", "---", "---:", "---"] + ["---:"] * 11) + " |",
     ]
     for r in rows:
         speedup = "—" if r.speedup_vs_loop is None else f"{r.speedup_vs_loop:.2f}×"
@@ -289,7 +311,8 @@ def markdown(rows: list[Measured], checks: dict[str, Any], header: dict[str, str
             f"| {r.s_mfu:.2f} "
             f"| {speedup} "
             f"| {r.roofline_s * 1e3:.2f} ms | {r.median_s / r.roofline_s:.2f} "
-            f"| {r.counting_cost_s * 1e6:.1f} µs = {100 * r.counting_cost_s / r.median_s:.2f}% | {overhead} |"
+            f"| {r.counting_cost_s * 1e6:.1f} µs = {100 * r.counting_cost_s / r.median_s:.2f}% "
+            f"| {r.small_op_after_run_s * 1e6:.1f} µs | {overhead} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -43,6 +43,7 @@ def test_compare_layer_rows_speedups_and_overhead():
     assert all(r.speedup_vs_loop == 1.0 for r in rows if r.backend == "loop")
     assert all((r.counting_overhead is None) == (r.backend == "loop") for r in rows)
     assert all(r.roofline_s == max(r.compulsory_bytes / 40e9, r.useful_flops / 200e9) for r in rows)
+    assert all(r.counting_cost_s > 0 and r.small_op_after_run_s > 0 for r in rows)  # both timed in place
     checks = {
         "calibrated_read_bandwidth": 40e9,
         "calibrated_gemm_flops": 200e9,
@@ -51,6 +52,8 @@ def test_compare_layer_rows_speedups_and_overhead():
     }
     text = compare.markdown(rows, checks, {"device": "cpu", "dtype": "float32"})
     assert text.count("| tiny |") == 4 and "0.75" in text
+    table = text[text.index("| model") :].splitlines()
+    assert len({line.count("|") for line in table}) == 1  # header, separator and rows agree
 
 
 def test_tuner_picks_one_of_its_candidates(monkeypatch):
