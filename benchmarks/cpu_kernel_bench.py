@@ -3,11 +3,12 @@
 For each model (random bf16 weights) and token count T, every repetition draws a fresh x and a
 fresh routing and times, in turn, each after one pass of a streaming read (torch sum over a 1 GiB
 buffer, which also evicts the caches): the fused op, the plain torch per-expert loop (the ``loop``
-backend) and the ``cpu_fused`` backend (the op, or torch GEMMs at large T). Interleaving them means
+backend), the ``cpu_fused`` backend (the op, or GEMMs on oneDNN-packed weights at large T) and
+those packed GEMMs alone (``gemm_experts``; packed in the untimed warm-up). Interleaving them means
 drift of a shared machine hits all alike. Reported per T: median op time, GB/s of activated weight
 bytes (activated experts × 3·H·F·2 B / time), that as a fraction of the best streaming bandwidth
 of the whole run and of the streaming pass just before (median of the per-repetition ratios), the
-loop's time and the op's and the backend's speed-ups over it.
+loop's time, the packed GEMMs' time, and the op's and the backend's speed-ups over the loop.
 
     python benchmarks/cpu_kernel_bench.py [--models mixtral-8x7b,qwen3-30b-a3b] [--tokens 1,2,4]
 """
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moecap_kernels.backends.cpu_fused import CpuFusedBackend
+from moecap_kernels.backends.cpu_fused import CpuFusedBackend, gemm_experts
 from moecap_kernels.backends.loop import LoopBackend
 from moecap_kernels.spec import MoESpec, load_preset
 from moecap_kernels.weights import MoEWeights, random_weights
@@ -42,6 +43,7 @@ class Row:
     frac_best: float
     frac_paired: float
     loop_s: float
+    gemm_s: float
     backend_s: float
 
 
@@ -109,10 +111,13 @@ def measure(spec: MoESpec, weights: MoEWeights, tokens: int, reps: int, probe: S
     def run_backend(x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor) -> object:
         return backend.forward(x, weights, spec, ids, wts)
 
+    def run_gemm(x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor) -> object:
+        return gemm_experts(x, weights, spec, ids, wts)
+
     warm = draw_inputs(spec, tokens, gen)
-    for run in (run_op, run_loop, run_backend):
+    for run in (run_op, run_loop, run_backend, run_gemm):
         run(*warm)
-    op_s, op_gbs, paired, loop_s, backend_s = [], [], [], [], []
+    op_s, op_gbs, paired, loop_s, backend_s, gemm_s = [], [], [], [], [], []
     for _ in range(reps):
         inputs = draw_inputs(spec, tokens, gen)
         stream_gbs = probe()
@@ -125,6 +130,8 @@ def measure(spec: MoESpec, weights: MoEWeights, tokens: int, reps: int, probe: S
         loop_s.append(timed(lambda inputs=inputs: run_loop(*inputs)))
         probe()
         backend_s.append(timed(lambda inputs=inputs: run_backend(*inputs)))
+        probe()
+        gemm_s.append(timed(lambda inputs=inputs: run_gemm(*inputs)))
     med_gbs = statistics.median(op_gbs)
     return Row(
         tokens,
@@ -133,6 +140,7 @@ def measure(spec: MoESpec, weights: MoEWeights, tokens: int, reps: int, probe: S
         med_gbs / probe.best,
         statistics.median(paired),
         statistics.median(loop_s),
+        statistics.median(gemm_s),
         statistics.median(backend_s),
     )
 
@@ -140,14 +148,14 @@ def measure(spec: MoESpec, weights: MoEWeights, tokens: int, reps: int, probe: S
 def print_table(name: str, rows: list[Row], best_stream: float) -> None:
     print(f"\n{name} (bf16), best streaming read {best_stream:.1f} GB/s (torch sum, 1 GiB)")
     print(
-        f"{'T':>4} {'op ms':>9} {'GB/s':>7} {'/best':>7} {'/paired':>8} {'loop ms':>9} {'op x':>7}"
-        f" {'backend ms':>11} {'backend x':>10}"
+        f"{'T':>4} {'op ms':>9} {'GB/s':>7} {'/best':>7} {'/paired':>8} {'loop ms':>9} {'packed ms':>10}"
+        f" {'op x':>7} {'backend ms':>11} {'backend x':>10}"
     )
     for r in rows:
         print(
             f"{r.tokens:>4} {r.op_s * 1e3:>9.2f} {r.op_gbs:>7.1f} {r.frac_best:>7.1%} {r.frac_paired:>8.1%} "
-            f"{r.loop_s * 1e3:>9.2f} {r.loop_s / r.op_s:>6.2f}x {r.backend_s * 1e3:>11.2f} "
-            f"{r.loop_s / r.backend_s:>9.2f}x"
+            f"{r.loop_s * 1e3:>9.2f} {r.gemm_s * 1e3:>10.2f} {r.loop_s / r.op_s:>6.2f}x "
+            f"{r.backend_s * 1e3:>11.2f} {r.loop_s / r.backend_s:>9.2f}x"
         )
 
 

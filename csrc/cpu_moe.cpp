@@ -6,8 +6,7 @@
 // sorted by expert once, then one OpenMP region runs two phases split by one barrier:
 //   up:   work units are ranges of intermediate rows [f0, f1); a unit streams those gate and up
 //         rows of every activated expert once, dotting each row against ALL routed rows of that
-//         expert (4 at a time; with vdpbf16ps up to 16 at a time in register tiles of 4 rows × up
-//         to 6 tokens), and stores act(gate) * up per routed pair;
+//         expert (4 at a time, held in L1), and stores act(gate) * up per routed pair;
 //   down: work units are ranges of output rows [h0, h1); a unit streams those rows of every
 //         activated expert's down matrix once, sums weight * dot per token in fp32 and writes its
 //         output columns, which no other unit touches.
@@ -71,9 +70,7 @@ using half = c10::Half;
 enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 enum Activation : int64_t { kSilu = 0, kGeluErf = 1, kGeluTanh = 2 };
 
-constexpr int kTokens = 4;          // routed rows per call of the row kernels
-constexpr int64_t kTiledFrom = 10;  // routed rows of an expert from which the tiled kernel runs (bf16)
-constexpr int64_t kMinPassRows = 12;  // whole row groups of the tiled kernel per pass
+constexpr int kTokens = 4;  // routed rows per register tile (an expert with more: further passes)
 
 // ---------------------------------------------------------------------------------------------
 // Row kernels: out[r * N + n] = dot(w[r * K : r * K + K], x[n][0 : K]) for r < rows, n < N.
@@ -232,111 +229,6 @@ MOECAP_TARGET_BF16 __attribute__((noinline)) void rows_bf16(const bf16* w, int64
   const char* const end = static_cast<const char*>(limit);
   for (int64_t r = 0; r < rows; ++r) row_bf16<N>(w + r * K, K, x, out + r * N, end);
 }
-
-// Many routed rows per expert make the kernel bound by the dot products rather than by memory.
-// There a register tile of kTileRows weight rows × up to kTileTokens tokens is computed at once:
-// each weight vector feeds every token's dot product and each activation vector every row (10
-// loads per 24 vdpbf16ps instead of 5 per 4). K is cut into blocks of kKBlock columns so that a
-// token group's activation slices stay in L1 while all rows of a row group pass over them; the
-// partial sums wait in a small buffer between blocks.
-constexpr int kTileRows = 4;
-constexpr int kTileTokens = 6;
-constexpr int64_t kKBlock = 1024;
-
-// acc[r * acc_ld + n] += Σ_k w[r * ld + k] · x[n][k0 + k] for k < kc, r < R, n < N.
-template <int R, int N>
-MOECAP_TARGET_BF16 inline void tile_block_bf16(const bf16* w, int64_t ld, int64_t kc, const bf16* const* x,
-                                               int64_t k0, __m512* acc_mem, int64_t acc_ld, const char* end) {
-  __m512 acc[R][N];
-  for (int r = 0; r < R; ++r)
-    for (int n = 0; n < N; ++n) acc[r][n] = acc_mem[r * acc_ld + n];
-  int64_t k = 0;
-  for (; k + 32 <= kc; k += 32) {
-    __m512i wv[R];
-    for (int r = 0; r < R; ++r) {
-      prefetch_ahead(w + r * ld + k, end);
-      wv[r] = _mm512_loadu_si512(w + r * ld + k);
-    }
-    for (int n = 0; n < N; ++n) {
-      const __m512i xv = _mm512_loadu_si512(x[n] + k0 + k);
-      for (int r = 0; r < R; ++r) acc[r][n] = dot_bf16(acc[r][n], wv[r], xv);
-    }
-  }
-  if (k < kc) {
-    const __mmask32 m = static_cast<__mmask32>((1ull << (kc - k)) - 1ull);
-    __m512i wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_epi16(m, w + r * ld + k);
-    for (int n = 0; n < N; ++n) {
-      const __m512i xv = _mm512_maskz_loadu_epi16(m, x[n] + k0 + k);
-      for (int r = 0; r < R; ++r) acc[r][n] = dot_bf16(acc[r][n], wv[r], xv);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int n = 0; n < N; ++n) acc_mem[r * acc_ld + n] = acc[r][n];
-}
-
-// One K block of `rows` rows (one row group) for N tokens: full tiles, then the leftover rows.
-template <int N>
-MOECAP_TARGET_BF16 void group_block_bf16(int64_t rows, const bf16* w, int64_t ld, int64_t kc, const bf16* const* x,
-                                         int64_t k0, __m512* acc, int64_t acc_ld, const char* end) {
-  int64_t r = 0;
-  for (; r + kTileRows <= rows; r += kTileRows)
-    tile_block_bf16<kTileRows, N>(w + r * ld, ld, kc, x, k0, acc + r * acc_ld, acc_ld, end);
-  static_assert(kTileRows == 4, "leftover rows below assume tiles of 4");
-  switch (rows - r) {
-    case 3: tile_block_bf16<3, N>(w + r * ld, ld, kc, x, k0, acc + r * acc_ld, acc_ld, end); break;
-    case 2: tile_block_bf16<2, N>(w + r * ld, ld, kc, x, k0, acc + r * acc_ld, acc_ld, end); break;
-    case 1: tile_block_bf16<1, N>(w + r * ld, ld, kc, x, k0, acc + r * acc_ld, acc_ld, end); break;
-    default: break;
-  }
-}
-
-MOECAP_TARGET_BF16 void group_block_bf16(int n, int64_t rows, const bf16* w, int64_t ld, int64_t kc,
-                                         const bf16* const* x, int64_t k0, __m512* acc, int64_t acc_ld,
-                                         const char* end) {
-  static_assert(kTileTokens == 6, "the cases below cover 1..kTileTokens");
-  switch (n) {
-    case 1: group_block_bf16<1>(rows, w, ld, kc, x, k0, acc, acc_ld, end); break;
-    case 2: group_block_bf16<2>(rows, w, ld, kc, x, k0, acc, acc_ld, end); break;
-    case 3: group_block_bf16<3>(rows, w, ld, kc, x, k0, acc, acc_ld, end); break;
-    case 4: group_block_bf16<4>(rows, w, ld, kc, x, k0, acc, acc_ld, end); break;
-    case 5: group_block_bf16<5>(rows, w, ld, kc, x, k0, acc, acc_ld, end); break;
-    default: group_block_bf16<6>(rows, w, ld, kc, x, k0, acc, acc_ld, end); break;
-  }
-}
-
-// out[r * n + t] = dot(w row r, x[t]) for r < rows, t < n ≤ kChunkTiled: all of an expert's
-// routed rows (up to 16) in one call, so its weights are read from memory once, by the first token
-// group, while the cores are busy with dot products. Tokens split into near-equal groups of at most
-// kTileTokens (8 → 4 + 4, not 6 + 2); rows go in groups of kGroupRows.
-constexpr int kChunkTiled = 16;
-constexpr int64_t kGroupRows = kMinPassRows;
-
-MOECAP_TARGET_BF16 __attribute__((noinline)) void rows_tiled_bf16(const bf16* w, int64_t rows, int64_t K,
-                                                                  const bf16* const* x, int n, float* out,
-                                                                  const void* limit) {
-  const char* const end = static_cast<const char*>(limit);
-  __m512 acc[kGroupRows * kChunkTiled];
-  const int groups = (n + kTileTokens - 1) / kTileTokens;
-  for (int64_t g0 = 0; g0 < rows; g0 += kGroupRows) {
-    const int64_t g1 = std::min(rows, g0 + kGroupRows);
-    for (int64_t i = 0; i < (g1 - g0) * n; ++i) acc[i] = _mm512_setzero_ps();
-    for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
-      const int64_t kc = std::min(kKBlock, K - k0);
-      for (int g = 0, t0 = 0; g < groups; ++g) {
-        const int t1 = n * (g + 1) / groups;
-        // Only the first group prefetches (a limit at the block's start stops it): the others read
-        // the same, by then cached, weights.
-        const bf16* block = w + g0 * K + k0;
-        group_block_bf16(t1 - t0, g1 - g0, block, K, kc, x + t0, k0, acc + t0, n,
-                         g == 0 ? end : reinterpret_cast<const char*>(block));
-        t0 = t1;
-      }
-    }
-    for (int64_t i = 0; i < (g1 - g0) * n; ++i) out[g0 * n + i] = _mm512_reduce_add_ps(acc[i]);
-  }
-}
-
 #endif  // MOECAP_X86
 
 // A kernel family: W is the weight (and x, output) dtype, A the dtype the kernels read
@@ -363,32 +255,13 @@ struct Kernel {
     (void)limit;
 #endif
   }
-  // Routed rows per call: 4 for the one-stream row kernels; with vdpbf16ps up to kChunkTiled, a
-  // call with more than 4 going to the tiled kernel.
-#if MOECAP_X86
-  static constexpr int kChunk = I == kAvx512Bf16 ? kChunkTiled : kTokens;
-#else
-  static constexpr int kChunk = kTokens;
-#endif
-  // Rows per call for an expert with `count` routed rows: the tiled kernel only pays off once the
-  // dot products, not memory, bound the work; below kTiledFrom one sequential stream per thread
-  // reads faster (tried on OLMoE-1B-7B and Mixtral-8x7B at 32 and 64 tokens: from 5, 8 and 10).
-  static int64_t chunk_for(int64_t count) { return count >= kTiledFrom ? kChunk : kTokens; }
-  // The N = n (1..kTokens) row kernel, or the tiled kernel above kTokens (vdpbf16ps only).
+  // The N = n (1..kTokens) instantiation.
   static void run_n(int n, const W* w, int64_t rows, int64_t K, const A* const* x, float* out, const W* limit) {
     switch (n) {
       case 1: run<1>(w, rows, K, x, out, limit); break;
       case 2: run<2>(w, rows, K, x, out, limit); break;
       case 3: run<3>(w, rows, K, x, out, limit); break;
-      case 4: run<4>(w, rows, K, x, out, limit); break;
-      default:
-#if MOECAP_X86
-        if constexpr (I == kAvx512Bf16) {
-          rows_tiled_bf16(w, rows, K, x, n, out, limit);
-          break;
-        }
-#endif
-        TORCH_CHECK(false, "moe_experts_cpu: ", n, " routed rows in one call need the tiled kernel");
+      default: run<4>(w, rows, K, x, out, limit); break;
     }
   }
 };
@@ -419,7 +292,7 @@ constexpr int64_t kUnitsPerThread = 4;
 constexpr int64_t kPassBytes = 65536;
 
 Blocking blocking(int64_t rows, int64_t row_bytes, int64_t threads) {
-  const int64_t pass = std::max<int64_t>(kMinPassRows, kPassBytes / std::max<int64_t>(1, row_bytes));
+  const int64_t pass = std::max<int64_t>(1, kPassBytes / std::max<int64_t>(1, row_bytes));
   const int64_t share = (rows + threads * kUnitsPerThread - 1) / (threads * kUnitsPerThread);
   return {std::max<int64_t>(pass, (share + pass - 1) / pass * pass), pass};
 }
@@ -455,14 +328,13 @@ void up_unit(const Problem<typename K::W, typename K::A>& p, int64_t f0, float* 
   using A = typename K::A;
   const Routing& rt = *p.routing;
   const int64_t H = p.H, F = p.F, f1 = std::min(F, f0 + p.up.unit);
-  const A* xrow[K::kChunk];
+  const A* xrow[kTokens];
   for (size_t i = 0; i < rt.expert.size(); ++i) {
     const auto* w = p.w_in + rt.expert[i] * (p.gated ? 2 * F : F) * H;
-    const int64_t chunk = K::chunk_for(rt.start[i + 1] - rt.start[i]);
     for (int64_t f = f0; f < f1; f += p.up.pass) {
       const int64_t nb = std::min(p.up.pass, f1 - f);
-      for (int64_t c = rt.start[i]; c < rt.start[i + 1]; c += chunk) {
-        const int n = static_cast<int>(std::min<int64_t>(chunk, rt.start[i + 1] - c));
+      for (int64_t c = rt.start[i]; c < rt.start[i + 1]; c += kTokens) {
+        const int n = static_cast<int>(std::min<int64_t>(kTokens, rt.start[i + 1] - c));
         for (int t = 0; t < n; ++t) xrow[t] = p.x + rt.token[c + t] * H;
         K::run_n(n, w + f * H, nb, H, xrow, gate, w + f1 * H);
         if (p.gated) K::run_n(n, w + (F + f) * H, nb, H, xrow, up, w + (F + f1) * H);
@@ -486,14 +358,13 @@ void down_unit(const Problem<typename K::W, typename K::A>& p, int64_t h0, float
   const Routing& rt = *p.routing;
   const int64_t H = p.H, F = p.F, h1 = std::min(H, h0 + p.down.unit), width = h1 - h0;
   std::fill(acc, acc + p.T * width, 0.f);
-  const A* xrow[K::kChunk];
+  const A* xrow[kTokens];
   for (size_t i = 0; i < rt.expert.size(); ++i) {
     const W* w = p.w_out + rt.expert[i] * H * F;
-    const int64_t chunk = K::chunk_for(rt.start[i + 1] - rt.start[i]);
     for (int64_t h = h0; h < h1; h += p.down.pass) {
       const int64_t nb = std::min(p.down.pass, h1 - h);
-      for (int64_t c = rt.start[i]; c < rt.start[i + 1]; c += chunk) {
-        const int n = static_cast<int>(std::min<int64_t>(chunk, rt.start[i + 1] - c));
+      for (int64_t c = rt.start[i]; c < rt.start[i + 1]; c += kTokens) {
+        const int n = static_cast<int>(std::min<int64_t>(kTokens, rt.start[i + 1] - c));
         for (int t = 0; t < n; ++t) xrow[t] = p.act + (c + t) * F;
         K::run_n(n, w + h * F, nb, F, xrow, dots, w + h1 * F);
         for (int t = 0; t < n; ++t) {
@@ -511,12 +382,12 @@ void down_unit(const Problem<typename K::W, typename K::A>& p, int64_t h0, float
 // One thread's share of both phases; `barrier` separates them (act must be complete).
 template <class K, class Barrier>
 void worker(const Problem<typename K::W, typename K::A>& p, std::atomic<int64_t>* next, Barrier barrier) {
-  std::vector<float> gate(static_cast<size_t>(p.up.pass * K::kChunk)), up(gate.size());
+  std::vector<float> gate(static_cast<size_t>(p.up.pass * kTokens)), up(gate.size());
   const int64_t up_units = (p.F + p.up.unit - 1) / p.up.unit;
   for (int64_t u = next[0].fetch_add(1); u < up_units; u = next[0].fetch_add(1))
     up_unit<K>(p, u * p.up.unit, gate.data(), up.data());
   barrier();
-  std::vector<float> dots(static_cast<size_t>(p.down.pass * K::kChunk));
+  std::vector<float> dots(static_cast<size_t>(p.down.pass * kTokens));
   std::vector<float> acc(static_cast<size_t>(p.down.unit * p.T));
   const int64_t down_units = (p.H + p.down.unit - 1) / p.down.unit;
   for (int64_t u = next[1].fetch_add(1); u < down_units; u = next[1].fetch_add(1))

@@ -93,9 +93,12 @@ def estimate_memory_bytes(spec: MoESpec, tokens: int, check_accuracy: bool) -> i
     return spec.total_weight_bytes + activations + transient + reference
 
 
-def check_fits(spec: MoESpec, tokens: int, info: DeviceInfo, check_accuracy: bool) -> None:
+def check_fits(
+    spec: MoESpec, tokens: int, info: DeviceInfo, check_accuracy: bool, backends: tuple[str, ...] = ()
+) -> None:
     """Refuse, before allocating anything, a row that would not fit in the device's free memory."""
-    need = estimate_memory_bytes(spec, tokens, check_accuracy)
+    extra = sum(get_backend(name).extra_memory_bytes(spec, tokens) for name in backends)
+    need = estimate_memory_bytes(spec, tokens, check_accuracy) + extra
     have = info.memory_available_bytes
     if need > 0.9 * have:
         raise UserError(
@@ -259,7 +262,7 @@ def run_profile(
     """Every (scenario, backend) of ``request``, in order; ``on_row`` is called after each."""
     spec = request.spec
     for scenario in request.scenarios:  # a trace's T is already in its scenario (see profile.py)
-        check_fits(spec, scenario.tokens, info, request.check_accuracy)
+        check_fits(spec, scenario.tokens, info, request.check_accuracy, request.backends)
     weights = random_weights(spec, request.device, seed=request.seed)
     results = []
     for scenario in request.scenarios:

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from moecap_kernels import _ext
+from moecap_kernels.backends import cpu_fused
 from moecap_kernels.backends.cpu_fused import (
-    FUSED_MAX_PAIRS_PER_EXPERT,
     CpuFusedBackend,
+    packing_unavailable_reason,
     use_fused,
+    use_fused_shared,
 )
 from moecap_kernels.spec import MoESpec
 from moecap_kernels.weights import MoEWeights
@@ -144,10 +146,8 @@ def test_every_token_to_one_expert(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("tokens", [5, 9, 10, 13, 16, 21])
 def test_many_tokens_per_expert_long_rows(tokens: int) -> None:
-    """Experts with more routed rows than one call of the row kernels takes (4): below 10 in
-    chunks of 4, from 10 (bf16 with vdpbf16ps) the tiled kernel in near-equal token groups of at
-    most 6 (13 = 4 + 4 + 5; 21 = 16 + 5), with K over its 1024-column blocks and row and column
-    tails (1100 % 32, 600 % 32, 1100 % 4)."""
+    """An expert with more routed rows than one call of the row kernels takes (4), over rows longer
+    than 1024: further chunks reuse the weight pass from cache (tails: 1100 % 32, 600 % 32, 21 % 4)."""
     ids = torch.stack([torch.tensor([1, 0])] * tokens)
     check(tokens, 1100, 600, 3, 2, True, SILU, torch.bfloat16, ids=ids)
 
@@ -296,16 +296,64 @@ def test_backend_available_on_cpu_only() -> None:
 
 
 @pytest.mark.parametrize("shared", [0, 2])
-@pytest.mark.parametrize("tokens", [1, 5, 12, 40], ids=["T1", "T5", "T12-torch-shared", "T40-torch"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_backend_matches_reference(tokens: int, shared: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("tokens", [1, 5, 40], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("path", ["op", "gemms"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_backend_matches_reference(
+    tokens: int, shared: int, path: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both paths, forced by the threshold: the op, and GEMMs (on oneDNN-packed weights where oneDNN
+    can pack the dtype, else plain torch)."""
+    monkeypatch.setattr(cpu_fused, "FUSED_MAX_EXPERT_ROW_BYTES", 2**40 if path == "op" else 0)
     spec, w = make_layer(shared, dtype)
     gen = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, spec.hidden_size, generator=gen).to(dtype)
     ids = torch.stack([torch.randperm(spec.num_experts, generator=gen)[: spec.top_k] for _ in range(tokens)])
     weights = torch.rand(tokens, spec.top_k, generator=gen) + 0.1
-    assert use_fused(tokens, spec) == (tokens * spec.top_k <= FUSED_MAX_PAIRS_PER_EXPERT * spec.num_experts)
+    poison_allocator(tokens * spec.hidden_size, dtype)
     y = CpuFusedBackend().forward(x, w, spec, ids, weights)
     assert y.shape == x.shape and y.dtype == dtype
     err = rel_error(y, layer_reference(x, spec, w, ids, weights))
     assert err < TOLERANCE[dtype], f"relative error {err:.2e}"
+    packed = id(w.w_in) in cpu_fused._PACKED
+    assert packed == (path == "gemms" and packing_unavailable_reason(dtype) is None)
+
+
+def test_packed_copy_is_made_once_and_dropped_with_the_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    if packing_unavailable_reason(torch.bfloat16) is not None:
+        pytest.skip(packing_unavailable_reason(torch.bfloat16))
+    monkeypatch.setattr(cpu_fused, "FUSED_MAX_EXPERT_ROW_BYTES", 0)
+    spec, w = make_layer(1, torch.bfloat16)
+    x, ids = torch.randn(4, spec.hidden_size).bfloat16(), torch.tensor([[0, 1], [2, 3], [4, 5], [0, 5]])
+    backend = CpuFusedBackend()
+    backend.forward(x, w, spec, ids, torch.ones(4, 2))
+    first = cpu_fused._PACKED[id(w.w_in)]
+    backend.forward(x, w, spec, ids, torch.ones(4, 2))
+    assert cpu_fused._PACKED[id(w.w_in)] is first
+    key = id(w.w_in)
+    del w, first
+    assert key not in cpu_fused._PACKED
+
+
+@pytest.mark.parametrize(
+    ("preset", "op_up_to", "gemms_from"),
+    [
+        ("mixtral-8x7b", 2, 4),
+        ("qwen3-30b-a3b", 64, 128),
+        ("olmoe-1b-7b", 32, 64),
+        ("deepseek-v2-lite", 32, 64),
+    ],
+)
+def test_threshold_sits_between_the_measured_crossovers(preset: str, op_up_to: int, gemms_from: int) -> None:
+    """The T at which each path won in benchmarks/cpu_kernel_bench.py (bf16, 2-core CI machine)."""
+    from moecap_kernels.spec import load_preset
+
+    spec = load_preset(preset).with_dtype("bfloat16")
+    assert use_fused(op_up_to, spec) and not use_fused(gemms_from, spec)
+
+
+def test_shared_experts_take_gemms_once_tokens_outgrow_the_op() -> None:
+    from moecap_kernels.spec import load_preset
+
+    spec = load_preset("deepseek-v2-lite").with_dtype("bfloat16")
+    assert use_fused_shared(1, spec) and not use_fused_shared(64, spec)

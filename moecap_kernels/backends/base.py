@@ -7,6 +7,7 @@ so that every backend sees identical routed pairs. A backend knows nothing of me
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +30,22 @@ def expert_mlp(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, spec: M
     return activate(x @ w_in.T, spec) @ w_out.T
 
 
-def add_shared_experts(y: torch.Tensor, x: torch.Tensor, weights: MoEWeights, spec: MoESpec) -> torch.Tensor:
-    """y += every shared expert applied to every token (shared experts are always active)."""
+# mlp(i, rows) -> expert i applied to rows [n, H]: how a backend runs one expert's GEMMs.
+ExpertMLP = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def add_shared_experts(
+    y: torch.Tensor, x: torch.Tensor, weights: MoEWeights, spec: MoESpec, mlp: ExpertMLP | None = None
+) -> torch.Tensor:
+    """y += every shared expert applied to every token (shared experts are always active).
+
+    ``mlp`` runs shared expert i (default: ``expert_mlp`` on ``weights.shared_w_in[i]`` and ``_out``).
+    """
     for s in range(spec.num_shared_experts):
-        y += expert_mlp(x, weights.shared_w_in[s], weights.shared_w_out[s], spec)
+        if mlp is None:
+            y += expert_mlp(x, weights.shared_w_in[s], weights.shared_w_out[s], spec)
+        else:
+            y += mlp(s, x)
     return y
 
 
@@ -48,6 +61,10 @@ class Backend(ABC):
 
     def prepare(self, weights: MoEWeights, spec: MoESpec) -> None:  # noqa: B027 (optional hook)
         """One-time work before timing (layout changes, autotuning); default: nothing."""
+
+    def extra_memory_bytes(self, spec: MoESpec, tokens: int) -> int:
+        """Memory this backend allocates beyond the weights and activations at ``tokens`` tokens."""
+        return 0
 
     def kernel_counters(
         self,

@@ -1,25 +1,28 @@
-"""``cpu_fused``: the experts of a MoE layer on a CPU through the compiled ``moecap::moe_experts_cpu`` op.
+"""``cpu_fused``: the experts of a MoE layer on a CPU, the fastest way this project has for each size.
 
-At decode a MoE layer is bound by reading the activated experts' weights. The op (csrc/cpu_moe.cpp)
+Few tokens per expert (decode): the compiled ``moecap::moe_experts_cpu`` op (csrc/cpu_moe.cpp)
 streams each activated expert's gate, up and down rows exactly once with all of that expert's
-routed tokens batched, on all cores, and reaches close to the machine's streaming read bandwidth.
-Shared experts go through the same op (each is an expert every token is routed to with weight 1)
-while T stays under the same threshold.
+routed tokens batched, on all cores, close to the machine's streaming read bandwidth. Shared
+experts go through the same op (each is an expert every token is routed to with weight 1).
 
-With many tokens per expert the work turns compute-bound (the op then computes 4 weight rows ×
-up to 6 tokens per register tile) and, from about 16 routed pairs per expert, torch's GEMMs are as
-fast or faster, so above ``FUSED_MAX_PAIRS_PER_EXPERT`` pairs per expert (T·k / E) the ``grouped``
-path runs instead. Crossover measured on Mixtral-8x7B (8 experts, top-2) with
-``python benchmarks/cpu_kernel_bench.py --models mixtral-8x7b`` on the 2-core CI machine: the op
-beats the torch loop at 8 pairs per expert (T = 32) and loses at 16 (T = 64).
+Many tokens per expert (see ``FUSED_MAX_EXPERT_ROW_BYTES``): the work is bound by the GEMMs, and
+those run on weights reordered once into oneDNN's blocked
+layout (``torch.ops.mkldnn._reorder_linear_weight``), which spares oneDNN repacking every expert's
+weights on every call. The packed copy costs one more copy of the expert weights, made on the first
+forward that needs it. Where oneDNN cannot pack the dtype (float16 without AVX512-FP16) the plain
+``grouped`` path runs. ``python benchmarks/cpu_kernel_bench.py`` times the op, the packed GEMMs and
+the torch loop side by side; the threshold is their crossover on the 2-core CI machine.
 """
 
 from __future__ import annotations
 
+import functools
+import weakref
+
 import torch
 
 from moecap_kernels.backends import register
-from moecap_kernels.backends.base import Backend, add_shared_experts
+from moecap_kernels.backends.base import Backend, activate, add_shared_experts
 from moecap_kernels.backends.grouped import grouped_experts
 from moecap_kernels.spec import MoESpec
 from moecap_kernels.weights import MoEWeights
@@ -27,7 +30,12 @@ from moecap_kernels.weights import MoEWeights
 OP_NAME = "moe_experts_cpu"
 ACTIVATION_CODES = {"silu": 0, "gelu": 1}  # the op's codes; "gelu" is the erf form, as F.gelu
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-FUSED_MAX_PAIRS_PER_EXPERT = 12  # mean routed pairs per expert (T·k / E) up to which the op runs
+# The op runs while an expert's routed activation rows — T·k / E rows on average, of max(H, F)
+# elements — take at most this many bytes; beyond, GEMMs on packed weights are faster. Crossovers
+# measured with `python benchmarks/cpu_kernel_bench.py` (op vs packed ms) on the 2-core CI machine:
+# Mixtral-8x7B between 0.5 and 1 rows of 28 KiB, Qwen3-30B-A3B and OLMoE-1B-7B between 4 and 8
+# rows of 4 KiB, DeepSeek-V2-Lite between 3 and 6 rows of 4 KiB.
+FUSED_MAX_EXPERT_ROW_BYTES = 16 * 1024
 
 
 def op_unavailable_reason() -> str | None:
@@ -41,9 +49,19 @@ def op_unavailable_reason() -> str | None:
     return f"the compiled op moecap::{OP_NAME} is not available ({_ext.extension_status()})"
 
 
+def _fits(rows_times_experts: int, experts: int, intermediate: int, spec: MoESpec) -> bool:
+    row_bytes = max(spec.hidden_size, intermediate) * spec.act_bytes_per_element
+    return rows_times_experts * row_bytes <= FUSED_MAX_EXPERT_ROW_BYTES * experts
+
+
 def use_fused(tokens: int, spec: MoESpec) -> bool:
-    """Whether ``tokens`` tokens are few enough per expert for the op to beat torch GEMMs."""
-    return tokens * spec.top_k <= FUSED_MAX_PAIRS_PER_EXPERT * spec.num_experts
+    """Whether the routed experts of ``tokens`` tokens run faster through the op than through GEMMs."""
+    return _fits(tokens * spec.top_k, spec.num_experts, spec.intermediate_size, spec)
+
+
+def use_fused_shared(tokens: int, spec: MoESpec) -> bool:
+    """The same for the shared experts, each of which every token is routed to."""
+    return _fits(tokens, 1, spec.shared_intermediate_size, spec)
 
 
 def fused_experts(
@@ -70,6 +88,79 @@ def fused_experts(
     )
 
 
+# --- many tokens per expert: GEMMs on weights packed once for oneDNN -----------------------------
+PACK_BATCH_HINT = 64  # the reorder asks for an expected batch; 1 to 512 gave the same speed here
+
+
+@functools.cache
+def packing_unavailable_reason(dtype: torch.dtype) -> str | None:
+    """None when oneDNN can pack and multiply ``dtype`` weights on this CPU, else why not."""
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 16, dtype=dtype), PACK_BATCH_HINT)
+        torch.ops.mkldnn._linear_pointwise(torch.ones(2, 16, dtype=dtype), packed, None, "none", [], "")
+    except (AttributeError, RuntimeError) as exc:
+        return f"oneDNN cannot pack {dtype} weights here ({str(exc).splitlines()[0][:120]})"
+    return None
+
+
+def _linear(rows: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], "")
+
+
+class PackedExperts:
+    """Every routed and shared expert's w_in and w_out, reordered once into oneDNN's layout."""
+
+    def __init__(self, weights: MoEWeights, spec: MoESpec) -> None:
+        def pack(w: torch.Tensor) -> list[torch.Tensor]:
+            return [torch.ops.mkldnn._reorder_linear_weight(m.contiguous(), PACK_BATCH_HINT) for m in w]
+
+        self.spec = spec
+        self.w_in, self.w_out = pack(weights.w_in), pack(weights.w_out)
+        self.shared_in, self.shared_out = pack(weights.shared_w_in), pack(weights.shared_w_out)
+
+    def routed(self, e: int, rows: torch.Tensor) -> torch.Tensor:
+        return _linear(activate(_linear(rows, self.w_in[e]), self.spec), self.w_out[e])
+
+    def shared(self, s: int, rows: torch.Tensor) -> torch.Tensor:
+        return _linear(activate(_linear(rows, self.shared_in[s]), self.spec), self.shared_out[s])
+
+
+# One packed copy per weights tensor (the on and off runs of a benchmark share it), dropped with it.
+# Keyed by id: tensors compare elementwise, so they cannot be dictionary keys themselves.
+_PACKED: dict[int, PackedExperts] = {}
+
+
+def packed_experts(weights: MoEWeights, spec: MoESpec) -> PackedExperts | None:
+    """The packed copy of ``weights`` (made on first use), or None where oneDNN cannot pack them."""
+    if packing_unavailable_reason(weights.w_in.dtype) is not None:
+        return None
+    key = id(weights.w_in)
+    if key not in _PACKED:
+        _PACKED[key] = PackedExperts(weights, spec)
+        weakref.finalize(weights.w_in, _PACKED.pop, key, None)
+    return _PACKED[key]
+
+
+def gemm_experts(
+    x: torch.Tensor,
+    weights: MoEWeights,
+    spec: MoESpec,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Routed and shared experts through per-expert GEMMs, on packed weights where oneDNN can."""
+    packed = packed_experts(weights, spec)
+    routed = None if packed is None else packed.routed
+    y = grouped_experts(x, weights, spec, topk_ids, topk_weights, mlp=routed)
+    return add_shared_gemms(y, x, weights, spec)
+
+
+def add_shared_gemms(y: torch.Tensor, x: torch.Tensor, weights: MoEWeights, spec: MoESpec) -> torch.Tensor:
+    """y += the shared experts through GEMMs, on packed weights where oneDNN can."""
+    packed = packed_experts(weights, spec)
+    return add_shared_experts(y, x, weights, spec, mlp=None if packed is None else packed.shared)
+
+
 def _contiguous(weights: MoEWeights) -> bool:
     """The op reads weights in place and rejects strided ones (copying them would cost more)."""
     tensors = (weights.w_in, weights.w_out, weights.shared_w_in, weights.shared_w_out)
@@ -78,7 +169,14 @@ def _contiguous(weights: MoEWeights) -> bool:
 
 @register("cpu_fused")
 class CpuFusedBackend(Backend):
-    description = "compiled CPU kernel: each activated expert's weights streamed once, all its tokens batched"
+    description = (
+        "CPU: a compiled kernel streaming each activated expert once (decode), GEMMs on oneDNN-packed weights"
+    )
+
+    def extra_memory_bytes(self, spec: MoESpec, tokens: int) -> int:
+        """The packed copy of the experts, made once GEMMs run (many tokens per expert)."""
+        shared_gemms = spec.num_shared_experts > 0 and not use_fused_shared(tokens, spec)
+        return spec.total_weight_bytes if shared_gemms or not use_fused(tokens, spec) else 0
 
     def availability(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if torch.device(device).type != "cpu":
@@ -97,15 +195,13 @@ class CpuFusedBackend(Backend):
     ) -> torch.Tensor:
         tokens = x.shape[0]
         contiguous = _contiguous(weights)
-        if use_fused(tokens, spec) and contiguous:
-            y = fused_experts(x, weights.w_in, weights.w_out, topk_ids, topk_weights, spec)
-        else:
-            y = grouped_experts(x, weights, spec, topk_ids, topk_weights)
+        if not (use_fused(tokens, spec) and contiguous):
+            return gemm_experts(x, weights, spec, topk_ids, topk_weights)
+        y = fused_experts(x, weights.w_in, weights.w_out, topk_ids, topk_weights, spec)
         if not spec.num_shared_experts:
             return y
-        # Every token is routed to each shared expert: T pairs per shared expert.
-        if tokens > FUSED_MAX_PAIRS_PER_EXPERT or not contiguous:
-            return add_shared_experts(y, x, weights, spec)
+        if not use_fused_shared(tokens, spec):
+            return add_shared_gemms(y, x, weights, spec)
         ids = torch.arange(spec.num_shared_experts, device=x.device).expand(tokens, -1)
         ones = torch.ones(ids.shape, dtype=torch.float32, device=x.device)
         y += fused_experts(x, weights.shared_w_in, weights.shared_w_out, ids, ones, spec)

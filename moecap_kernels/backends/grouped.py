@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from moecap_kernels.backends import register
-from moecap_kernels.backends.base import Backend, activate, add_shared_experts, expert_mlp
+from moecap_kernels.backends.base import Backend, ExpertMLP, activate, add_shared_experts, expert_mlp
 from moecap_kernels.nvtx import nvtx_range
 from moecap_kernels.spec import MoESpec
 from moecap_kernels.weights import MoEWeights
@@ -33,8 +33,12 @@ def grouped_experts(
     spec: MoESpec,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
+    mlp: ExpertMLP | None = None,
 ) -> torch.Tensor:
-    """The routed experts only: Σ_j topk_weights[t, j] · expert_{topk_ids[t, j]}(x[t]), in x's dtype."""
+    """The routed experts only: Σ_j topk_weights[t, j] · expert_{topk_ids[t, j]}(x[t]), in x's dtype.
+
+    ``mlp`` runs expert e on its rows in the per-segment path (default: ``expert_mlp``).
+    """
     with nvtx_range("dispatch", x.device):
         flat_ids = topk_ids.reshape(-1)
         order = flat_ids.argsort(stable=True)
@@ -59,7 +63,8 @@ def grouped_experts(
     with nvtx_range("experts", x.device):
         for e, start, end in spans.tolist():  # one host read; activated experts only
             tokens = token_of_row[start:end]
-            out = expert_mlp(x[tokens], weights.w_in[e], weights.w_out[e], spec)
+            rows = x[tokens]
+            out = expert_mlp(rows, weights.w_in[e], weights.w_out[e], spec) if mlp is None else mlp(e, rows)
             y.index_add_(0, tokens, out * scale[start:end])
     return y
 
