@@ -103,7 +103,9 @@ def check_fits(
     if need > 0.9 * have:
         raise UserError(
             f"{spec.name} at {tokens} tokens needs about {need / 2**30:.1f} GiB "
-            f"(weights {spec.total_weight_bytes / 2**30:.1f} GiB) but {info.name} has "
+            f"(weights {spec.total_weight_bytes / 2**30:.1f} GiB"
+            + (f", backends' own copies {extra / 2**30:.1f} GiB" if extra else "")
+            + f") but {info.name} has "
             f"{have / 2**30:.1f} GiB available; pick a smaller model, batch or dtype"
         )
 

@@ -357,3 +357,21 @@ def test_shared_experts_take_gemms_once_tokens_outgrow_the_op() -> None:
 
     spec = load_preset("deepseek-v2-lite").with_dtype("bfloat16")
     assert use_fused_shared(1, spec) and not use_fused_shared(64, spec)
+
+
+def test_memory_check_counts_the_packed_copy() -> None:
+    """A layer whose weights fit but whose weights plus the packed copy do not is refused up front."""
+    from moecap_kernels.errors import UserError
+    from moecap_kernels.hardware import DeviceInfo
+    from moecap_kernels.runner import check_fits, estimate_memory_bytes
+    from moecap_kernels.spec import load_preset
+
+    spec = load_preset("mixtral-8x7b").with_dtype("bfloat16")
+    tokens = 64  # GEMMs, so the backend packs a copy of the experts
+    assert not use_fused(tokens, spec)
+    need = estimate_memory_bytes(spec, tokens, check_accuracy=False)
+    info = DeviceInfo("cpu", "test", 2 * need, int(need / 0.8), 1 << 25, 2, "0")
+    check_fits(spec, tokens, info, False, ("loop",))
+    with pytest.raises(UserError, match="backends' own copies"):
+        check_fits(spec, tokens, info, False, ("loop", "cpu_fused"))
+    check_fits(spec, 1, info, False, ("cpu_fused",))  # decode: the op, no copy
