@@ -22,7 +22,7 @@ import weakref
 import torch
 
 from moecap_kernels.backends import register
-from moecap_kernels.backends.base import Backend, activate, add_shared_experts
+from moecap_kernels.backends.base import Backend, ExpertMLP, activate, add_shared_experts
 from moecap_kernels.backends.grouped import grouped_experts
 from moecap_kernels.spec import MoESpec
 from moecap_kernels.weights import MoEWeights
@@ -89,7 +89,7 @@ def fused_experts(
 
 
 # --- many tokens per expert: GEMMs on weights packed once for oneDNN -----------------------------
-PACK_BATCH_HINT = 64  # the reorder asks for an expected batch; 1 to 512 gave the same speed here
+PACK_BATCH_HINT = 64  # the reorder asks for an expected batch; the packed weights serve any batch
 
 
 @functools.cache
@@ -108,21 +108,21 @@ def _linear(rows: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
 
 class PackedExperts:
-    """Every routed and shared expert's w_in and w_out, reordered once into oneDNN's layout."""
+    """Every routed and shared expert's w_in and w_out, reordered once into oneDNN's layout
+    (a copy: later in-place changes to the weights do not reach it; profiles never make any)."""
 
-    def __init__(self, weights: MoEWeights, spec: MoESpec) -> None:
+    def __init__(self, weights: MoEWeights) -> None:
         def pack(w: torch.Tensor) -> list[torch.Tensor]:
             return [torch.ops.mkldnn._reorder_linear_weight(m.contiguous(), PACK_BATCH_HINT) for m in w]
 
-        self.spec = spec
-        self.w_in, self.w_out = pack(weights.w_in), pack(weights.w_out)
-        self.shared_in, self.shared_out = pack(weights.shared_w_in), pack(weights.shared_w_out)
+        self.routed = pack(weights.w_in), pack(weights.w_out)
+        self.shared = pack(weights.shared_w_in), pack(weights.shared_w_out)
 
-    def routed(self, e: int, rows: torch.Tensor) -> torch.Tensor:
-        return _linear(activate(_linear(rows, self.w_in[e]), self.spec), self.w_out[e])
-
-    def shared(self, s: int, rows: torch.Tensor) -> torch.Tensor:
-        return _linear(activate(_linear(rows, self.shared_in[s]), self.spec), self.shared_out[s])
+    @staticmethod
+    def mlp(pair: tuple[list[torch.Tensor], list[torch.Tensor]], spec: MoESpec) -> ExpertMLP:
+        """Expert i of ``pair`` (``routed`` or ``shared``) on rows, for ``grouped_experts`` and co."""
+        w_in, w_out = pair
+        return lambda i, rows: _linear(activate(_linear(rows, w_in[i]), spec), w_out[i])
 
 
 # One packed copy per weights tensor (the on and off runs of a benchmark share it), dropped with it.
@@ -130,13 +130,13 @@ class PackedExperts:
 _PACKED: dict[int, PackedExperts] = {}
 
 
-def packed_experts(weights: MoEWeights, spec: MoESpec) -> PackedExperts | None:
+def packed_experts(weights: MoEWeights) -> PackedExperts | None:
     """The packed copy of ``weights`` (made on first use), or None where oneDNN cannot pack them."""
     if packing_unavailable_reason(weights.w_in.dtype) is not None:
         return None
     key = id(weights.w_in)
     if key not in _PACKED:
-        _PACKED[key] = PackedExperts(weights, spec)
+        _PACKED[key] = PackedExperts(weights)
         weakref.finalize(weights.w_in, _PACKED.pop, key, None)
     return _PACKED[key]
 
@@ -149,16 +149,18 @@ def gemm_experts(
     topk_weights: torch.Tensor,
 ) -> torch.Tensor:
     """Routed and shared experts through per-expert GEMMs, on packed weights where oneDNN can."""
-    packed = packed_experts(weights, spec)
-    routed = None if packed is None else packed.routed
+    packed = packed_experts(weights)
+    routed = None if packed is None else packed.mlp(packed.routed, spec)
     y = grouped_experts(x, weights, spec, topk_ids, topk_weights, mlp=routed)
     return add_shared_gemms(y, x, weights, spec)
 
 
 def add_shared_gemms(y: torch.Tensor, x: torch.Tensor, weights: MoEWeights, spec: MoESpec) -> torch.Tensor:
     """y += the shared experts through GEMMs, on packed weights where oneDNN can."""
-    packed = packed_experts(weights, spec)
-    return add_shared_experts(y, x, weights, spec, mlp=None if packed is None else packed.shared)
+    packed = packed_experts(weights)
+    return add_shared_experts(
+        y, x, weights, spec, mlp=None if packed is None else packed.mlp(packed.shared, spec)
+    )
 
 
 def _contiguous(weights: MoEWeights) -> bool:
