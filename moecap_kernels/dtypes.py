@@ -28,4 +28,4 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def dtype_bytes(name: str) -> int:
     """Bytes per element, an exact int."""
-    return torch.empty((), dtype=torch_dtype(name)).element_size()
+    return torch_dtype(name).itemsize

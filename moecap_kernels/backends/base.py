@@ -6,6 +6,7 @@ so that every backend sees identical routed pairs. A backend knows nothing of me
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
@@ -28,6 +29,16 @@ def activate(h_in: torch.Tensor, spec: MoESpec) -> torch.Tensor:
 def expert_mlp(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, spec: MoESpec) -> torch.Tensor:
     """One expert on rows ``x`` [n, H]: down(act(gate x) * up x), in x's dtype."""
     return activate(x @ w_in.T, spec) @ w_out.T
+
+
+@functools.lru_cache(maxsize=32)
+def shared_routing(tokens: int, num_shared: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared experts as routing: ids [T, S] (every token to each shared expert) and weights of 1.
+
+    Cached because forwards inside timed regions ask for it; callers must not modify the tensors.
+    """
+    ids = torch.arange(num_shared, device=device).expand(tokens, num_shared)
+    return ids, torch.ones((tokens, num_shared), dtype=torch.float32, device=device)
 
 
 # mlp(i, rows) -> expert i applied to rows [n, H]: how a backend runs one expert's GEMMs.

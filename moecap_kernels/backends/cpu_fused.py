@@ -22,7 +22,7 @@ import weakref
 import torch
 
 from moecap_kernels.backends import register
-from moecap_kernels.backends.base import Backend, ExpertMLP, activate, add_shared_experts
+from moecap_kernels.backends.base import Backend, ExpertMLP, activate, add_shared_experts, shared_routing
 from moecap_kernels.backends.grouped import grouped_experts
 from moecap_kernels.spec import MoESpec
 from moecap_kernels.weights import MoEWeights
@@ -204,7 +204,6 @@ class CpuFusedBackend(Backend):
             return y
         if not use_fused_shared(tokens, spec):
             return add_shared_gemms(y, x, weights, spec)
-        ids = torch.arange(spec.num_shared_experts, device=x.device).expand(tokens, -1)
-        ones = torch.ones(ids.shape, dtype=torch.float32, device=x.device)
+        ids, ones = shared_routing(tokens, spec.num_shared_experts, x.device)
         y += fused_experts(x, weights.shared_w_in, weights.shared_w_out, ids, ones, spec)
         return y
