@@ -160,7 +160,7 @@ class BackendRun:
     ) -> None:
         self.request, self.weights, self.row, self.name = request, weights, row, backend_name
         self.backend = get_backend(backend_name)
-        self.backend.prepare(weights, request.spec)
+        self.backend.prepare(weights, request.spec, row.ids.shape[0])
         self.counter = CountAccumulator(request.spec, request.device) if count else None
         self.output: torch.Tensor | None = None
 

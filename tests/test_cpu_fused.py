@@ -335,6 +335,16 @@ def test_packed_copy_is_made_once_and_dropped_with_the_weights(monkeypatch: pyte
     assert key not in cpu_fused._PACKED
 
 
+@pytest.mark.parametrize("gemms", [True, False])
+def test_prepare_packs_only_when_gemms_will_run(gemms: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if packing_unavailable_reason(torch.bfloat16) is not None:
+        pytest.skip(packing_unavailable_reason(torch.bfloat16))
+    monkeypatch.setattr(cpu_fused, "FUSED_MAX_EXPERT_ROW_BYTES", 0 if gemms else 2**40)
+    spec, w = make_layer(0, torch.bfloat16)
+    CpuFusedBackend().prepare(w, spec, tokens=8)
+    assert (id(w.w_in) in cpu_fused._PACKED) == gemms
+
+
 @pytest.mark.parametrize(
     ("preset", "op_up_to", "gemms_from"),
     [

@@ -1,6 +1,6 @@
 """What every backend implements: the experts and combine of one MoE layer, given its routing.
 
-The router (logits and top-k) is shared by all backends and runs outside them (see layer.py),
+The router (logits and top-k) is shared by all backends and runs outside them (see runner.BackendRun),
 so that every backend sees identical routed pairs. A backend knows nothing of metrics.
 """
 
@@ -70,8 +70,11 @@ class Backend(ABC):
         """None when this backend runs on ``device`` with ``dtype``, else one line saying why not."""
         return None
 
-    def prepare(self, weights: MoEWeights, spec: MoESpec) -> None:  # noqa: B027 (optional hook)
-        """One-time work before timing (layout changes, autotuning); default: nothing."""
+    def prepare(self, weights: MoEWeights, spec: MoESpec, tokens: int) -> None:  # noqa: B027 (optional hook)
+        """One-time work before timing forwards of ``tokens`` tokens (layout changes, autotuning).
+
+        Default: nothing. A forward must still work without it.
+        """
 
     def extra_memory_bytes(self, spec: MoESpec, tokens: int) -> int:
         """Memory this backend allocates beyond the weights and activations at ``tokens`` tokens."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import weakref
+from collections.abc import Callable
 
 import torch
 
@@ -73,11 +74,7 @@ def fused_experts(
     spec: MoESpec,
 ) -> torch.Tensor:
     """Σ_j weight[t, j] · expert_{ids[t, j]}(x[t]) through the op, in x's dtype."""
-    if not hasattr(torch.ops.moecap, OP_NAME):  # forward() without availability() first
-        reason = op_unavailable_reason()
-        if reason is not None:
-            raise RuntimeError(f"cpu_fused: {reason}")
-    return torch.ops.moecap.moe_experts_cpu(
+    return _op()(
         x.contiguous(),
         w_in,
         w_out,
@@ -86,6 +83,15 @@ def fused_experts(
         spec.gated,
         ACTIVATION_CODES[spec.activation],
     )
+
+
+@functools.cache
+def _op() -> Callable[..., torch.Tensor]:
+    """The op's overload, looked up once (forwards run inside timed regions); raises if unavailable."""
+    reason = op_unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"cpu_fused: {reason}")
+    return getattr(torch.ops.moecap, OP_NAME).default
 
 
 # --- many tokens per expert: GEMMs on weights packed once for oneDNN -----------------------------
@@ -141,6 +147,14 @@ def packed_experts(weights: MoEWeights) -> PackedExperts | None:
     return _PACKED[key]
 
 
+def gemm_mlps(weights: MoEWeights, spec: MoESpec) -> tuple[ExpertMLP | None, ExpertMLP | None]:
+    """(routed, shared) expert MLPs on packed weights; (None, None) where oneDNN cannot pack (plain GEMMs)."""
+    packed = packed_experts(weights)
+    if packed is None:
+        return None, None
+    return packed.mlp(packed.routed, spec), packed.mlp(packed.shared, spec)
+
+
 def gemm_experts(
     x: torch.Tensor,
     weights: MoEWeights,
@@ -149,18 +163,14 @@ def gemm_experts(
     topk_weights: torch.Tensor,
 ) -> torch.Tensor:
     """Routed and shared experts through per-expert GEMMs, on packed weights where oneDNN can."""
-    packed = packed_experts(weights)
-    routed = None if packed is None else packed.mlp(packed.routed, spec)
+    routed, shared = gemm_mlps(weights, spec)
     y = grouped_experts(x, weights, spec, topk_ids, topk_weights, mlp=routed)
-    return add_shared_gemms(y, x, weights, spec)
+    return add_shared_experts(y, x, weights, spec, mlp=shared)
 
 
-def add_shared_gemms(y: torch.Tensor, x: torch.Tensor, weights: MoEWeights, spec: MoESpec) -> torch.Tensor:
-    """y += the shared experts through GEMMs, on packed weights where oneDNN can."""
-    packed = packed_experts(weights)
-    return add_shared_experts(
-        y, x, weights, spec, mlp=None if packed is None else packed.mlp(packed.shared, spec)
-    )
+def uses_gemms(tokens: int, spec: MoESpec) -> bool:
+    """Whether a forward of ``tokens`` tokens runs GEMMs (and so needs the packed copy)."""
+    return not use_fused(tokens, spec) or (spec.num_shared_experts > 0 and not use_fused_shared(tokens, spec))
 
 
 def _contiguous(weights: MoEWeights) -> bool:
@@ -177,8 +187,12 @@ class CpuFusedBackend(Backend):
 
     def extra_memory_bytes(self, spec: MoESpec, tokens: int) -> int:
         """The packed copy of the experts, made once GEMMs run (many tokens per expert)."""
-        shared_gemms = spec.num_shared_experts > 0 and not use_fused_shared(tokens, spec)
-        return spec.total_weight_bytes if shared_gemms or not use_fused(tokens, spec) else 0
+        return spec.total_weight_bytes if uses_gemms(tokens, spec) else 0
+
+    def prepare(self, weights: MoEWeights, spec: MoESpec, tokens: int) -> None:
+        """Packs the experts before timing when GEMMs will run (forward would, on first use)."""
+        if uses_gemms(tokens, spec) or not _contiguous(weights):
+            packed_experts(weights)
 
     def availability(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if torch.device(device).type != "cpu":
@@ -203,7 +217,7 @@ class CpuFusedBackend(Backend):
         if not spec.num_shared_experts:
             return y
         if not use_fused_shared(tokens, spec):
-            return add_shared_gemms(y, x, weights, spec)
+            return add_shared_experts(y, x, weights, spec, mlp=gemm_mlps(weights, spec)[1])
         ids, ones = shared_routing(tokens, spec.num_shared_experts, x.device)
         y += fused_experts(x, weights.shared_w_in, weights.shared_w_out, ids, ones, spec)
         return y
