@@ -2,7 +2,8 @@
 //
 // Why: at decode (a few tokens) a MoE layer is bound by reading each activated expert's weights.
 // A torch loop over experts pays for small GEMV calls, separate gate/up/down passes and a thread
-// fork/join per op, and reaches about half the streaming bandwidth. Here the routed pairs are
+// fork/join per op: at decode the `loop` backend read weights at 0.26-0.51 of a streaming read of
+// the same weights (benchmarks/results/compare-2026-11-29-amd-epyc.md). Here the routed pairs are
 // sorted by expert once, then one OpenMP region runs two phases split by one barrier:
 //   up:   work units are ranges of intermediate rows [f0, f1); a unit streams those gate and up
 //         rows of every activated expert once, dotting each row against ALL routed rows of that
@@ -75,7 +76,7 @@ constexpr int kTokens = 4;  // routed rows per register tile (an expert with mor
 // ---------------------------------------------------------------------------------------------
 // Row kernels: out[r * N + n] = dot(w[r * K : r * K + K], x[n][0 : K]) for r < rows, n < N.
 // The rows are contiguous and read one after the other, so each thread issues one sequential
-// stream (measured faster than interleaving several rows); every weight vector is loaded once
+// stream, the pattern hardware prefetchers follow best; every weight vector is loaded once
 // and used for all N activation rows. U independent accumulators per (row, token) hide the
 // FMA / dot-product latency. The K tail uses masked loads: no byte past a row is touched.
 // ---------------------------------------------------------------------------------------------
@@ -128,7 +129,7 @@ MOECAP_TARGET_AVX2 __attribute__((noinline)) void rows_avx2(const W* w, int64_t 
 
 // Software prefetch of the weight line kPrefetchBytes ahead, within the block being read: the
 // hardware prefetchers stop at 4 KiB pages, and with several activation rows the dot products
-// keep the core too busy to wait for them (measured: +20-30% at 2-4 rows per expert).
+// keep the core too busy to wait for them.
 constexpr int64_t kPrefetchBytes = 4096;
 MOECAP_TARGET_AVX512 inline void prefetch_ahead(const void* p, const char* end) {
   const char* ahead = static_cast<const char*>(p) + kPrefetchBytes;
@@ -281,8 +282,8 @@ struct Routing {
 };
 
 // How one phase splits a matrix's rows. A work unit is `unit` rows: long, so each thread streams
-// long contiguous runs (faster than 64 KiB units in benchmarks/cpu_kernel_bench.py) yet several per thread, so a thread slowed by another process is covered by the
-// others. Units are read in passes of `pass` rows (~kPassBytes) that stay in L2 while further
+// long contiguous runs, yet several per thread, so a thread slowed by another process is covered
+// by the others. Units are read in passes of `pass` rows (~kPassBytes) that stay in L2 while further
 // 4-token chunks of the same expert reuse them.
 struct Blocking {
   int64_t unit, pass;

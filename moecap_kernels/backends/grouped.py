@@ -18,7 +18,7 @@ from moecap_kernels.weights import MoEWeights
 
 
 def _grouped_mm_usable(x: torch.Tensor) -> bool:
-    """torch._grouped_mm is fast only on CUDA bf16 with sm90+; on a CPU it is slower than a loop."""
+    """torch._grouped_mm runs only where it was built to be fast: CUDA bf16 on sm90+."""
     return (
         hasattr(torch, "_grouped_mm")
         and x.is_cuda
@@ -55,8 +55,7 @@ def grouped_experts(
             out = torch._grouped_mm(h, weights.w_out.transpose(1, 2), offs=offs)
         with nvtx_range("combine", x.device):
             return torch.zeros_like(x).index_add_(0, token_of_row, out * scale)
-    # One segment per activated expert, gathered, computed and added back while it is in cache:
-    # a gather of all T·k rows up front measured slower at prefill on a CPU.
+    # One segment per activated expert, gathered, computed and added back while it is in cache.
     y = torch.zeros_like(x)
     active = counts.nonzero().flatten()
     spans = torch.stack([active, ends[active] - counts[active], ends[active]], dim=1)
