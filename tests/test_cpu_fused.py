@@ -19,6 +19,7 @@ from moecap_kernels.backends.cpu_fused import (
     use_fused,
     use_fused_shared,
 )
+from moecap_kernels.reference import relative_error
 from moecap_kernels.spec import MoESpec
 from moecap_kernels.weights import MoEWeights
 
@@ -70,11 +71,6 @@ def reference(
     return y
 
 
-def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    diff = (y.double() - ref).norm().item()
-    return diff / ref.norm().item() if math.isfinite(diff) else math.inf
-
-
 # --- inputs ---------------------------------------------------------------------------------------
 def make_problem(
     t: int, h: int, f: int, e: int, k: int, gated: bool, dtype: torch.dtype, seed: int = 0
@@ -112,7 +108,7 @@ def check(
     poison_allocator(t * h, dtype)
     y = op(x, w_in, w_out, ids, weights, gated, activation, max_isa)
     assert y.shape == (t, h) and y.dtype == dtype
-    err = rel_error(y, reference(x, w_in, w_out, ids, weights, gated, activation))
+    err = relative_error(y, reference(x, w_in, w_out, ids, weights, gated, activation))
     assert err < TOLERANCE[dtype], f"relative error {err:.2e} (dtype {dtype}, isa cap {max_isa})"
 
 
@@ -165,7 +161,7 @@ def test_int32_ids_and_bf16_weights() -> None:
     x, w_in, w_out, ids, weights = make_problem(6, 50, 20, 4, 2, True, torch.float32)
     y = op(x, w_in, w_out, ids.int(), weights.bfloat16(), True, SILU)
     ref = reference(x, w_in, w_out, ids, weights.bfloat16().float(), True, SILU)
-    assert rel_error(y, ref) < 1e-5
+    assert relative_error(y, ref) < 1e-5
 
 
 @pytest.mark.parametrize("isa", range(4), ids=ISA_NAMES)
@@ -313,7 +309,7 @@ def test_backend_matches_reference(
     poison_allocator(tokens * spec.hidden_size, dtype)
     y = CpuFusedBackend().forward(x, w, spec, ids, weights)
     assert y.shape == x.shape and y.dtype == dtype
-    err = rel_error(y, layer_reference(x, spec, w, ids, weights))
+    err = relative_error(y, layer_reference(x, spec, w, ids, weights))
     assert err < TOLERANCE[dtype], f"relative error {err:.2e}"
     packed = id(w.w_in) in cpu_fused._PACKED
     assert packed == (path == "gemms" and packing_unavailable_reason(dtype) is None)
