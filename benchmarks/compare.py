@@ -25,7 +25,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -210,9 +210,11 @@ def compare_layer(
             run.counter = InSituCounting(run.counter)
         best_guess = backends[-1]  # measured below; the overhead pair uses the last (fastest-intended) one
         runs.append(BackendRun(request, weights, row, best_guess, count=False))
-        # This machine's read bandwidth depends on where a buffer's pages landed (45 to 80 GB/s seen
-        # here), so the paired ceiling streams the very bytes the layer must read: the activated
-        # experts', the shared experts' and the router's weights, in the same interleaving.
+        # A CPU's read bandwidth depends on the buffer read and on the reader (in
+        # benchmarks/results/compare-2026-11-29-amd-epyc.md, torch.sum over a fresh 1 GiB buffer read
+        # 46.0 GB/s where the calibration, in the same run, reached 81.8 GB/s), so the paired ceiling
+        # streams the very bytes the layer must read: the activated experts', the shared experts' and
+        # the router's weights, in the same interleaving.
         probe = compulsory_weights(weights, row.ids)
         probe_bytes = sum(t.numel() * t.element_size() for t in probe)
         runs.append(lambda i, probe=probe: [read(t) for t in probe])
@@ -233,8 +235,9 @@ def compare_layer(
         paired_bandwidth = probe_bytes / timings[-1].median
         loop_time = next((r.time.median for r in results if r.backend == "loop"), None)
         overhead = timings[len(backends) - 1].median / timings[-2].median - 1
+        measured = []
         for r, run in zip(results, runs[: len(results)], strict=True):
-            rows.append(
+            measured.append(
                 Measured(
                     model=spec.name,
                     phase=scenario.phase,
@@ -255,12 +258,13 @@ def compare_layer(
                     small_op_after_run_s=float(np.median(control.samples_s)),
                 )
             )
-        best = min(results, key=lambda r: r.time.median)
+        best = min(measured, key=lambda m: m.median_s)
         console.print(
             f"  {spec.name} {scenario.phase} T={row.ids.shape[0]}: best {best.backend} "
-            f"{best.time.median * 1e3:.2f} ms, S-MBU {best.util.s_mbu:.2f} (paired "
-            f"{best.bytes.compulsory / best.time.median / paired_bandwidth:.2f}), S-MFU {best.util.s_mfu:.2f}"
+            f"{best.median_s * 1e3:.2f} ms, S-MBU {best.s_mbu:.2f} (paired {best.s_mbu_paired:.2f}), "
+            f"S-MFU {best.s_mfu:.2f}"
         )
+        rows += measured
     del weights
     return rows
 
@@ -271,20 +275,22 @@ def compare_layer(
 def markdown(rows: list[Measured], checks: dict[str, Any], header: dict[str, str]) -> str:
     lines = [f"# Backend comparison — {header['device']}", ""]
     lines += [f"- {k}: {v}" for k, v in header.items()]
-    bw, peak = checks["calibrated_read_bandwidth"], checks["calibrated_gemm_flops"]
+    if checks:  # measured on a CPU only (ceiling_checks); empty elsewhere
+        bw, peak = checks["calibrated_read_bandwidth"], checks["calibrated_gemm_flops"]
+        lines += [
+            "",
+            f"Denominators (measured in this run): read bandwidth {human_bytes(bw)}/s, "
+            f"{header['dtype']} GEMM {peak / 1e9:.0f} GFLOP/s.",
+            "",
+            "| ceiling check | figure | ratio to calibrated |",
+            "| --- | --- | --- |",
+        ]
+        for name, v in checks["bandwidth_checks"].items():
+            lines.append(f"| {name} | {human_bytes(v['bytes_per_s'])}/s | {v['ratio_to_calibrated']:.2f} |")
+        (gemm_name, gemm_value), (_, ratio) = list(checks["gemm_check"].items())
+        lines += [f"| {gemm_name} | {gemm_value / 1e9:.0f} GFLOP/s | {ratio:.2f} |"]
     lines += [
         "",
-        f"Denominators (measured in this run): read bandwidth {human_bytes(bw)}/s, "
-        f"{header['dtype']} GEMM {peak / 1e9:.0f} GFLOP/s.",
-        "",
-        "| ceiling check | figure | ratio to calibrated |",
-        "| --- | --- | --- |",
-    ]
-    for name, v in checks["bandwidth_checks"].items():
-        lines.append(f"| {name} | {human_bytes(v['bytes_per_s'])}/s | {v['ratio_to_calibrated']:.2f} |")
-    (gemm_name, gemm_value), (_, ratio) = list(checks["gemm_check"].items())
-    lines += [f"| {gemm_name} | {gemm_value / 1e9:.0f} GFLOP/s | {ratio:.2f} |", ""]
-    lines += [
         "Columns: S-MBU against the read bandwidth calibrated at the start; S-MBU paired against a streaming "
         "read (stream_read) of the very weights the forward must read, timed interleaved with the scenario's "
         "runs (this machine's bandwidth depends on where a buffer's pages lie); S-MFU against the calibrated "
@@ -347,13 +353,14 @@ def main(argv: list[str] | None = None) -> int:
             load_preset(name).with_dtype(args.dtype), scenarios, backends, device, info, peaks, reps, console
         )
     date = dt.date.today().isoformat()
+    given = sys.argv[1:] if argv is None else argv
     header = {
         "date": date,
         "device": info.name,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "dtype": args.dtype,
         "counting": extension_status(),
-        "command": "python benchmarks/compare.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": f"python benchmarks/compare.py {shlex.join(given)}".rstrip(),
         "wall time": f"{time.perf_counter() - started:.0f} s",
     }
     slug = re.sub(r"[^a-z0-9]+", "-", info.name.lower()).strip("-")
@@ -361,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     text = markdown(rows, checks, header)
     write_atomic(stem.with_suffix(".md"), text)
-    doc = {"header": header, "ceilings": checks, "rows": [r.__dict__ for r in rows]}
+    doc = {"header": header, "ceilings": checks, "rows": [asdict(r) for r in rows]}
     write_atomic(stem.with_suffix(".json"), json.dumps(doc, indent=2) + "\n")
     print(text)
     console.print(f"[dim]wrote {stem}.md and .json[/dim]")

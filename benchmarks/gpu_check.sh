@@ -2,7 +2,10 @@
 # One call on a GPU machine (torch, Triton, nvcc; no network, nothing installed): build the extension,
 # run the GPU tests, measure the ceilings, profile three real MoE layers with every backend, and print
 # a short table last. Full results (JSON, logs) go to the folder given as $1 (default: $OUT, else
-# benchmarks/results/gpu-<date>). Budget: under 8 minutes on an H200; each step has its own timeout.
+# benchmarks/results/gpu-<date>). Not run on a GPU yet, so its duration is unmeasured; the step
+# timeouts bound it: 180 + 200 + 60 + 3 × (120 + 90) = 1070 s (about 18 minutes), plus the untimed
+# machine and summary steps. A failing timed step is reported, the later steps still run, and the script
+# then exits 1.
 #
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]
 set -uo pipefail
@@ -14,7 +17,9 @@ export MOECAP_CACHE_DIR=${MOECAP_CACHE_DIR:-/tmp/moecap-cache}
 PY=${PYTHON:-python3}
 status=0
 step() { echo; echo "== $1"; }
-run() { local limit=$1; shift; timeout "$limit" "$@" || { echo "!! failed ($?): $*"; status=1; }; }
+# run LIMIT CMD...: CMD under a timeout; on failure say so, set status=1 and return 1. In a pipeline
+# (`run … | tee`) run is in a subshell whose status=1 is lost: pipefail hands its 1 on, so check it.
+run() { local limit=$1; shift; timeout "$limit" "$@" || { echo "!! failed ($?): $*"; status=1; return 1; }; }
 
 step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
@@ -24,7 +29,7 @@ step "build the extension (CUDA flavour)"
 run 180 $PY -m moecap_kernels._ext
 
 step "GPU tests"
-run 200 $PY -m pytest -q -x tests/test_gpu.py 2>&1 | tee "$RESULTS/gpu_tests.log"
+run 200 $PY -m pytest -q -x tests/test_gpu.py 2>&1 | tee "$RESULTS/gpu_tests.log" || status=1
 
 step "ceilings: read/copy bandwidth and GEMM peaks, measured"
 run 60 $PY benchmarks/gpu_summary.py calibrate --json "$RESULTS/ceilings.json"

@@ -21,31 +21,49 @@ import torch
 from moecap_kernels.backends import get_backend
 from moecap_kernels.dtypes import torch_dtype
 from moecap_kernels.errors import UserError
-from moecap_kernels.kernels.configs import CONFIG_KEYS, KernelConfig, config_file_name, device_name
+from moecap_kernels.kernels.configs import (
+    CONFIG_FOLDER,
+    CONFIG_KEYS,
+    KernelConfig,
+    config_file_name,
+    device_name,
+    heuristic_config,
+)
 from moecap_kernels.report import write_atomic
 from moecap_kernels.routing import route, router_scores
 from moecap_kernels.spec import MoESpec, load_preset
 from moecap_kernels.timing import time_region
 from moecap_kernels.weights import random_weights
 
-CONFIG_FOLDER = Path(__file__).resolve().parent.parent / "moecap_kernels" / "configs"
-
 
 def candidates(tokens: int, spec: MoESpec) -> Iterable[KernelConfig]:
-    """A small grid around what suits this many rows per expert (decode: small M; prefill: large)."""
+    """The untuned heuristic's pick, then a small grid around what suits this many rows per expert
+    (decode: small M; prefill: large); no launch parameters twice."""
+    heuristic = heuristic_config(
+        tokens,
+        spec.num_experts,
+        spec.top_k,
+        spec.hidden_size,
+        spec.intermediate_size,
+        spec.act_bytes_per_element,
+        spec.gated,
+    )
+    yield heuristic
     rows_per_expert = tokens * spec.top_k / spec.num_experts
     block_ms = (16, 32) if rows_per_expert <= 16 else (32, 64) if rows_per_expert <= 128 else (64, 128)
     for block_m, block_n, block_k, warps, stages in itertools.product(
         block_ms, (64, 128), (64, 128), (4, 8), (3, 4)
     ):
-        yield KernelConfig(block_m, block_n, block_k, group_m=8 if block_m >= 64 else 1, num_warps=warps,
-                           num_stages=stages)  # fmt: skip
+        config = KernelConfig(block_m, block_n, block_k, group_m=8 if block_m >= 64 else 1, num_warps=warps,
+                              num_stages=stages)  # fmt: skip
+        if config.as_list() != heuristic.as_list():
+            yield config
 
 
 def tune(
     spec: MoESpec, token_counts: list[int], device: torch.device, configs=candidates, reps: int = 20
 ) -> dict[int, tuple[KernelConfig, float]]:
-    """The fastest config (and its median seconds) for each token count."""
+    """The fastest config (and its median seconds) for each token count; UserError if none runs."""
     weights = random_weights(spec, device, seed=0)
     backend = get_backend("triton")
     best: dict[int, tuple[KernelConfig, float]] = {}
@@ -59,7 +77,9 @@ def tune(
         def forward(i: int, x=x, ids=ids, topk_weights=topk_weights) -> None:
             backend.forward(x, weights, spec, ids, topk_weights)
 
+        tried = 0
         for config in configs(tokens, spec):
+            tried += 1
             backend.config = config
             try:
                 seconds = time_region(forward, device, warmup=2, reps=reps).median
@@ -68,6 +88,8 @@ def tune(
                 continue
             if tokens not in best or seconds < best[tokens][1]:
                 best[tokens] = (config, seconds)
+        if tokens not in best:
+            raise UserError(f"M={tokens}: all {tried} candidate configs failed (see the skip lines above)")
         config, seconds = best[tokens]
         print(f"M={tokens}: {dict(zip(CONFIG_KEYS, config.as_list(), strict=True))} {seconds * 1e6:.1f} µs")
     return best

@@ -1,9 +1,11 @@
-"""The benchmark scripts on tiny layers: compare's interleaved rows, the tuner's choice, the GPU summary."""
+"""The benchmark scripts on tiny layers: compare's interleaved rows, the tuner's choice, the GPU summary,
+the CPU kernel bench."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -11,9 +13,12 @@ import pytest
 import torch
 
 from moecap_kernels import hardware
+from moecap_kernels.errors import UserError
 from moecap_kernels.kernels.configs import KernelConfig
 from moecap_kernels.profile import main as profile_main
 from moecap_kernels.runner import Scenario
+from moecap_kernels.timing import TimingStats
+from moecap_kernels.weights import random_weights
 from tests.helpers import tiny_spec
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -40,7 +45,8 @@ def test_compare_layer_rows_speedups_and_overhead():
     assert [(r.phase, r.tokens, r.backend) for r in rows] == [
         ("decode", 3, "loop"), ("decode", 3, "grouped"), ("prefill", 16, "loop"), ("prefill", 16, "grouped")
     ]  # fmt: skip
-    assert all(r.speedup_vs_loop == 1.0 for r in rows if r.backend == "loop")
+    for loop, grouped in (rows[0:2], rows[2:4]):
+        assert grouped.speedup_vs_loop == loop.median_s / grouped.median_s
     assert all((r.counting_overhead is None) == (r.backend == "loop") for r in rows)
     assert all(r.roofline_s == max(r.compulsory_bytes / 40e9, r.useful_flops / 200e9) for r in rows)
     assert all(r.counting_cost_s > 0 and r.small_op_after_run_s > 0 for r in rows)  # both timed in place
@@ -54,16 +60,52 @@ def test_compare_layer_rows_speedups_and_overhead():
     assert text.count("| tiny |") == 4 and "0.75" in text
     table = text[text.index("| model") :].splitlines()
     assert len({line.count("|") for line in table}) == 1  # header, separator and rows agree
+    no_checks = compare.markdown(rows, {}, {"device": "cuda", "dtype": "float32"})  # a GPU run: no checks
+    assert "ceiling check" not in no_checks and no_checks.count("| tiny |") == 4
 
 
-def test_tuner_picks_one_of_its_candidates(monkeypatch):
+def _fixed_timings(monkeypatch, tuner, seconds: list[float | None]) -> None:
+    """The tuner's timer, returning ``seconds`` in call order (None: the config fails to compile)."""
+    remaining = iter(seconds)
+
+    def fake_time_region(run, device, *, warmup, reps, **kwargs):
+        value = next(remaining)
+        if value is None:
+            raise RuntimeError("out of shared memory")
+        return TimingStats((value,), "fake")
+
+    monkeypatch.setattr(tuner, "time_region", fake_time_region)
+
+
+@pytest.mark.parametrize("seconds, chosen", [([2e-3, 1e-3, 3e-3], 1), ([1e-3, None, 2e-3], 0)])
+def test_tuner_picks_the_fastest_candidate(monkeypatch, seconds, chosen):
     pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     tuner = load_script("tune_triton")
+    _fixed_timings(monkeypatch, tuner, seconds)
+    spec = tiny_spec(hidden_size=32, intermediate_size=32).with_dtype("float16")
+    options = [KernelConfig(16, 32, 32), KernelConfig(32, 32, 16), KernelConfig(16, 16, 16)]
+    best = tuner.tune(spec, [4], CPU, configs=lambda tokens, s: options, reps=1)
+    assert best == {4: (options[chosen], seconds[chosen])}
+
+
+def test_tuner_says_so_when_every_candidate_fails(monkeypatch):
+    pytest.importorskip("triton")
+    tuner = load_script("tune_triton")
+    _fixed_timings(monkeypatch, tuner, [None, None])
     spec = tiny_spec(hidden_size=32, intermediate_size=32).with_dtype("float16")
     options = [KernelConfig(16, 32, 32), KernelConfig(32, 32, 16)]
-    best = tuner.tune(spec, [4], CPU, configs=lambda tokens, s: options, reps=1)
-    assert best[4][0] in options and best[4][1] > 0
+    with pytest.raises(UserError, match="all 2 candidate configs failed"):
+        tuner.tune(spec, [4], CPU, configs=lambda tokens, s: options, reps=1)
+
+
+def test_tuner_candidates_start_with_the_heuristic_and_never_repeat():
+    pytest.importorskip("triton")
+    tuner = load_script("tune_triton")
+    spec = tiny_spec().with_dtype("bfloat16")
+    for tokens in (1, 64, 4096):
+        launches = [c.as_list() for c in tuner.candidates(tokens, spec)]
+        assert launches[0] == tuner.heuristic_config(tokens, 8, 2, 48, 40, 2, True).as_list()
+        assert len(launches) == len({tuple(c) for c in launches})
 
 
 def test_tuner_refuses_without_gpu(capsys):
@@ -84,3 +126,16 @@ def test_gpu_summary_table_from_profile_json(tmp_path, capsys):
     load_script("gpu_summary").table([str(out)], None, str(tmp_path / "summary.md"))
     summary = (tmp_path / "summary.md").read_text()
     assert summary.count("\n") == 3 and "| loop |" in summary
+
+
+def test_cpu_kernel_bench_measures_a_tiny_layer():
+    bench = load_script("cpu_kernel_bench")
+    reason = bench.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    spec = tiny_spec().with_dtype("bfloat16")
+    probe = bench.StreamProbe(1 << 20)
+    row = bench.measure(spec, random_weights(spec), 3, 2, probe)
+    assert row.tokens == 3 and len(probe.samples) == 2 * 4  # one streaming pass before each timed run
+    assert all(v > 0 and math.isfinite(v) for v in (row.op_s, row.op_gbs, row.frac_paired))
+    assert all(v > 0 and math.isfinite(v) for v in (row.loop_s, row.gemm_s, row.backend_s))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from functools import cache
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -22,6 +21,8 @@ from moecap_kernels.errors import UserError
 CONFIG_KEYS = ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages")
 # Shared memory a pipelined stage may use (H100/H200 allow 227 KiB per block; keep some headroom).
 SMEM_BUDGET_BYTES = 200 * 1024
+# Where tuned tables ship and where load_tuned looks by default (benchmarks/tune_triton.py writes there).
+CONFIG_FOLDER = Path(__file__).resolve().parent.parent / "configs"
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,8 @@ def _parse_table(text: str, file_name: str) -> dict[int, KernelConfig]:
 
 @cache
 def load_tuned(file_name: str, folder: str | None = None) -> dict[int, KernelConfig] | None:
-    """The tuned table ``folder/file_name`` (default: ``moecap_kernels/configs/``), or None if absent."""
-    base = resources.files("moecap_kernels") / "configs" if folder is None else Path(folder)
+    """The tuned table ``folder/file_name`` (default: ``CONFIG_FOLDER``), or None if absent."""
+    base = CONFIG_FOLDER if folder is None else Path(folder)
     path = base / file_name
     if not path.is_file():
         return None
