@@ -7,7 +7,8 @@ pure-torch fallback and ``extension_status()`` says why in one line.
 
 Environment:
 - ``MOECAP_NO_EXTENSION=1``   never build or load; use the pure-torch fallback.
-- ``MOECAP_CACHE_DIR``        build root (default ``~/.cache/moecap_kernels``).
+- ``MOECAP_CACHE_DIR``        build root (default ``$XDG_CACHE_HOME/moecap_kernels``, else
+                              ``~/.cache/moecap_kernels``).
 - ``MOECAP_VERBOSE_BUILD=1``  show the compiler output and torch's build messages.
 
 ``python -m moecap_kernels._ext`` builds (or loads) the extension and prints its status.
@@ -49,9 +50,15 @@ def _env_flag(name: str) -> bool:
 
 
 def cache_root() -> Path:
-    """Folder holding one build folder per (sources, torch, flavour) hash."""
+    """The package's cache folder: extension builds (one per hash) and calibrations.
+
+    ``$MOECAP_CACHE_DIR``, else ``$XDG_CACHE_HOME/moecap_kernels``, else ``~/.cache/moecap_kernels``.
+    """
     custom = os.environ.get("MOECAP_CACHE_DIR", "").strip()
-    return Path(custom).expanduser() if custom else Path.home() / ".cache" / "moecap_kernels"
+    if custom:
+        return Path(custom).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME")
+    return (Path(base).expanduser() if base else Path.home() / ".cache") / "moecap_kernels"
 
 
 def _sources(flavour: str) -> list[Path]:
@@ -146,15 +153,7 @@ def _state() -> _State:
 
 def load_extension() -> bool:
     """Builds (first time) and loads the extension; True when its ops are registered. Never raises."""
-    try:
-        return _state().loaded
-    except Exception:  # defensive: _state already catches build errors
-        return False
-
-
-def extension_flavour() -> str:
-    """``"cuda"`` (CPU and CUDA kernels), ``"cpu"`` (CPU kernels only) or ``""`` when not loaded."""
-    return _state().flavour if load_extension() else ""
+    return _state().loaded
 
 
 def extension_status() -> str:

@@ -10,8 +10,7 @@ Accumulator layout, int64 [E + 6]: tokens per expert in [0, E), then ``STAT_FIEL
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
@@ -71,12 +70,6 @@ class Counts:
         scalars = {name: one(getattr(self, name)) for name in STAT_FIELDS if name != "forwards"}
         return Counts(forwards=1, tokens_per_expert=tuple(one(n) for n in self.tokens_per_expert), **scalars)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict (tokens_per_expert as a list)."""
-        data = asdict(self)
-        data["tokens_per_expert"] = list(self.tokens_per_expert)
-        return data
-
 
 class CountAccumulator:
     """Owns an int64 [E + 6] accumulator on ``device`` and adds each forward's routing to it.
@@ -95,7 +88,7 @@ class CountAccumulator:
         self.stats = torch.zeros(self.num_experts + len(STAT_FIELDS), dtype=torch.int64, device=self.device)
         # The op's overload, looked up once: add() runs inside the timed loop.
         self._op = (
-            getattr(torch.ops, _ext.LIB_NAMESPACE).count_routing.default
+            getattr(getattr(torch.ops, _ext.LIB_NAMESPACE), _OP_NAME).default
             if self.implementation == "extension"
             else None
         )

@@ -23,19 +23,20 @@ import math
 import os
 import platform
 import re
-import statistics
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from moecap_kernels._ext import cache_root
 from moecap_kernels.dtypes import TORCH_DTYPES, canonical_dtype
 from moecap_kernels.errors import UserError
+from moecap_kernels.files import write_atomic
+from moecap_kernels.timing import TimingStats, time_region
 
 T = 1e12  # tera
 P = 1e15  # peta
@@ -77,10 +78,6 @@ class DatasheetEntry:
         """Dense peak FLOP/s for ``dtype`` (canonical or alias name)."""
         key = canonical_dtype(dtype)
         return {"bfloat16": self.bf16_flops, "float16": self.fp16_flops, "float32": self.fp32_flops}[key]
-
-    @property
-    def memory_bytes(self) -> int:
-        return int(self.memory_gb * 2**30)
 
     def matches(self, normalized_name: str) -> bool:
         return all(re.search(p, normalized_name) for p in self.match) and not any(
@@ -371,11 +368,6 @@ def datasheet_entry(name: str) -> DatasheetEntry | None:
     return next((e for e in DATASHEET if e.matches(norm)), None)
 
 
-def list_datasheet() -> tuple[DatasheetEntry, ...]:
-    """All datasheet entries, in matching order."""
-    return DATASHEET
-
-
 def format_datasheet() -> str:
     """A plain-text table of the datasheet for a ``--list-devices`` printout."""
     head = f"{'device':<26} {'mem GB':>6} {'BW TB/s':>8} {'BF16 TF':>8} {'FP16 TF':>8} {'FP32 TF':>8}  source"
@@ -393,6 +385,10 @@ def format_datasheet() -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def _is_positive_finite(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
 @dataclass(frozen=True)
 class Peaks:
     """The two denominators for one dtype, each with where it came from."""
@@ -405,7 +401,7 @@ class Peaks:
 
     def __post_init__(self) -> None:
         for label, value in (("bandwidth", self.bandwidth_bytes_per_s), ("flops", self.flops_per_s)):
-            if not (math.isfinite(value) and value > 0):
+            if not _is_positive_finite(value):
                 raise ValueError(f"peak {label} must be positive and finite, got {value!r}")
 
     @property
@@ -587,22 +583,9 @@ class Calibration:
         return f"measured: calibration {self.date[:10]}" + (" (cached)" if self.from_cache else "")
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "schema": CACHE_SCHEMA,
-            "machine_id": self.machine_id,
-            "device_name": self.device_name,
-            "kind": self.kind,
-            "torch_version": self.torch_version,
-            "threads": self.threads,
-            "date": self.date,
-            "read_bandwidth_bytes_per_s": self.read_bandwidth_bytes_per_s,
-            "copy_bandwidth_bytes_per_s": self.copy_bandwidth_bytes_per_s,
-            "gemm_flops_per_s": dict(self.gemm_flops_per_s),
-            "gemm_sizes": dict(self.gemm_sizes),
-            "gemm_notes": dict(self.gemm_notes),
-            "duration_s": self.duration_s,
-            "quick": self.quick,
-        }
+        data = asdict(self)
+        del data["from_cache"]
+        return {"schema": CACHE_SCHEMA, **data}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Calibration:
@@ -631,23 +614,15 @@ class Calibration:
 
 def _positive(value: Any) -> float:
     out = float(value)
-    if not (math.isfinite(out) and out > 0):
+    if not _is_positive_finite(out):
         raise ValueError(f"expected a positive finite number, got {value!r}")
     return out
-
-
-def cache_dir() -> Path:
-    """``$MOECAP_CACHE_DIR``, else ``$XDG_CACHE_HOME/moecap_kernels``, else ``~/.cache/moecap_kernels``."""
-    if os.environ.get("MOECAP_CACHE_DIR"):
-        return Path(os.environ["MOECAP_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "moecap_kernels"
 
 
 def cache_path(info: DeviceInfo, torch_version: str | None = None) -> Path:
     """Where the calibration of ``info`` under this (or the given) torch version lives."""
     version = re.sub(r"[^A-Za-z0-9._-]", "_", torch_version or torch.__version__)
-    return cache_dir() / f"calibration-{info.machine_id}-{version}.json"
+    return cache_root() / f"calibration-{info.machine_id}-{version}.json"
 
 
 def load_cached_calibration(info: DeviceInfo) -> Calibration | None:
@@ -666,18 +641,7 @@ def save_calibration(cal: Calibration, info: DeviceInfo) -> Path:
     """Write ``cal`` atomically (temp file in the same folder, then os.replace); return the path."""
     path = cache_path(info, cal.torch_version)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(cal.to_json(), fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, json.dumps(cal.to_json(), indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -691,9 +655,10 @@ def calibrate(
     """Measured read/copy bandwidth and dense GEMM peaks for ``dtypes`` on ``device``.
 
     Reuses the cache unless ``force``, the cache lacks a dtype, the thread count changed, or a
-    full run was asked for and only a quick one is cached. Target cost on a small CPU: ≤ ~15 s,
-    ``quick`` ≤ ~4 s; each CPU dtype gets a fixed time budget, so a slow GEMM path (float16 on
-    most CPUs) is measured at smaller sizes and flagged in ``gemm_notes`` rather than waited on.
+    full run was asked for and only a quick one is cached. The cost is bounded by the plan
+    (``_QUICK`` or ``_FULL``): a few bandwidth repetitions, then a fixed GEMM time budget per CPU
+    dtype, so a slow GEMM path (float16 on most CPUs) is measured at smaller sizes and flagged in
+    ``gemm_notes`` rather than waited on.
     """
     device = torch.device(device)
     wanted = [canonical_dtype(d) for d in dtypes]
@@ -740,9 +705,8 @@ _QUICK = _Plan((8,), 2, 5, 2, 0.8, 2048, (4096,))
 
 def _measure(device: torch.device, info: DeviceInfo, dtypes: Sequence[str], quick: bool) -> Calibration:
     plan = _QUICK if quick else _FULL
-    timer = _cuda_timer if device.type == "cuda" else _cpu_timer
     start = time.perf_counter()
-    read_bw, copy_bw = _measure_bandwidth(device, info, plan, timer)
+    read_bw, copy_bw = _measure_bandwidth(device, info, plan)
     flops: dict[str, float] = {}
     sizes: dict[str, int] = {}
     notes: dict[str, str] = {}
@@ -772,33 +736,23 @@ def _measure(device: torch.device, info: DeviceInfo, dtypes: Sequence[str], quic
     )
 
 
-Timer = Callable[[Callable[[], object], int], float]
+def _per_call(
+    fn: Callable[[], object], device: torch.device, *, reps: int, inner: int = 1, warmup: int = 0
+) -> TimingStats:
+    """Seconds per call of ``fn``, one sample per timed group of ``inner`` back-to-back calls.
 
-
-def _cpu_timer(fn: Callable[[], object], inner: int) -> float:
-    """Seconds per call of ``fn``, averaged over ``inner`` back-to-back calls (perf_counter)."""
-    t0 = time.perf_counter()
-    for _ in range(inner):
+    ``warmup`` untimed calls first; then ``timing.time_region`` times ``reps`` groups
+    (perf_counter, or CUDA events read after the last group) and each sample is divided by ``inner``.
+    """
+    for _ in range(warmup):
         fn()
-    return (time.perf_counter() - t0) / inner
 
+    def group(_: int) -> None:
+        for _ in range(inner):
+            fn()
 
-def _cuda_timer(fn: Callable[[], object], inner: int) -> float:
-    """Seconds per call of ``fn`` on the current stream, from CUDA events."""
-    begin = torch.cuda.Event(enable_timing=True)
-    end = torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(inner):
-        fn()
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end) / 1e3 / inner
-
-
-def _median_time(timer: Timer, fn: Callable[[], object], reps: int, inner: int = 1) -> float:
-    """Median seconds per call over ``reps`` timed groups, after one untimed warm-up call."""
-    fn()
-    return statistics.median(timer(fn, inner) for _ in range(reps))
+    stats = time_region(group, device, warmup=0, reps=reps)
+    return TimingStats(tuple(t / inner for t in stats.samples_s), stats.method)
 
 
 def _bandwidth_buffer_bytes(info: DeviceInfo, multiple: int, buffers: int = 1) -> int:
@@ -811,9 +765,7 @@ def _bandwidth_buffer_bytes(info: DeviceInfo, multiple: int, buffers: int = 1) -
     return max(min(want, cap) // 4096 * 4096, 4096)
 
 
-def _measure_bandwidth(
-    device: torch.device, info: DeviceInfo, plan: _Plan, timer: Timer
-) -> tuple[float, float]:
+def _measure_bandwidth(device: torch.device, info: DeviceInfo, plan: _Plan) -> tuple[float, float]:
     """(read, copy) bytes/s: best over buffer sizes of the median over repetitions.
 
     Read is the faster of a float32 ``sum`` and, on a CPU, the extension's ``stream_read`` (several
@@ -829,23 +781,27 @@ def _measure_bandwidth(
         if has_op("stream_read", "cpu"):
             readers.append(lambda buf: functools.partial(torch.ops.moecap.stream_read, buf))
     read_best = 0.0
-    # On a CPU the figure depends on where a buffer's pages land (this project's 2-core VM read
-    # 45 GB/s from one allocation and 78 GB/s from another in the same minute), so several buffers
-    # live at once and the fastest counts: the ceiling a kernel whose data landed well reaches.
+    # On a CPU the figure depends on where a buffer's pages land (one allocation can read much
+    # slower than another on the same machine: benchmarks/results/compare-2026-11-29-amd-epyc.md
+    # records a calibrated 81.8 GB/s beside 46.0 GB/s for a torch sum of a fresh 1 GiB buffer in
+    # the same run), so several buffers live at once and the fastest counts: the ceiling a kernel
+    # whose data landed well reaches.
     placements = plan.cpu_placements if device.type == "cpu" else 1
     for multiple in plan.bw_multiples:
         nbytes = _bandwidth_buffer_bytes(info, multiple, placements)
         # Random data, never constant: pages of identical bytes can be merged by the host (KSM) and
-        # then read from cache, which inflates the figure (seen here: 84 GB/s on a 47 GB/s machine).
+        # then read from cache, which inflates the figure.
         bufs = [torch.rand(nbytes // 4, dtype=torch.float32, device=device) for _ in range(placements)]
         for buf in bufs:
             for reader in readers:
-                read_best = max(read_best, nbytes / _median_time(timer, reader(buf), plan.bw_reps, inner))
+                stats = _per_call(reader(buf), device, reps=plan.bw_reps, inner=inner, warmup=1)
+                read_best = max(read_best, nbytes / stats.median)
         del bufs
-    nbytes = _bandwidth_buffer_bytes(info, plan.bw_multiples[0])
+    nbytes = _bandwidth_buffer_bytes(info, plan.bw_multiples[0], buffers=2)  # src and dst
     src = torch.rand(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    copy_bw = 2 * nbytes / _median_time(timer, lambda: dst.copy_(src), plan.bw_reps, inner)
+    copy = _per_call(lambda: dst.copy_(src), device, reps=plan.bw_reps, inner=inner, warmup=1)
+    copy_bw = 2 * nbytes / copy.median
     return read_best, copy_bw
 
 
@@ -861,19 +817,20 @@ def _cpu_gemm_peak(dtype: str, plan: _Plan) -> tuple[float, int, str]:
     overrun the budget the search stops. Stopping below ``SLOW_GEMM_N`` marks a slow path
     (float16 on most CPUs), noted so the figure is not mistaken for a real peak.
     """
+    cpu = torch.device("cpu")
     deadline = time.perf_counter() + plan.cpu_gemm_budget_s
     n, best, best_n = 128, 0.0, 128
     while True:
-        matmul = functools.partial(torch.matmul, *_gemm_operands(n, dtype, torch.device("cpu")))
-        times = [_cpu_timer(matmul, 1) for _ in range(plan.gemm_reps)]
+        matmul = functools.partial(torch.matmul, *_gemm_operands(n, dtype, cpu))
+        stats = _per_call(matmul, cpu, reps=plan.gemm_reps)  # no warm-up: every call counts
         flop = 2 * n**3
-        if flop / min(times) > best:
-            best, best_n = flop / min(times), n
-        next_cost = plan.gemm_reps * 8 * statistics.median(times)
+        if flop / min(stats.samples_s) > best:
+            best, best_n = flop / min(stats.samples_s), n
+        next_cost = plan.gemm_reps * 8 * stats.median
         if 2 * n <= plan.cpu_gemm_max_n and time.perf_counter() + next_cost <= deadline:
             n *= 2
             continue
-        note = _slow_note(n, flop / statistics.median(times)) if n < SLOW_GEMM_N else ""
+        note = _slow_note(n, flop / stats.median) if n < SLOW_GEMM_N else ""
         return best, best_n, note
 
 
@@ -903,9 +860,9 @@ def _cuda_gemm_peak(device: torch.device, dtype: str, plan: _Plan) -> tuple[floa
             a, b = _gemm_operands(n, dtype, device)
             out = torch.empty_like(a)
             fn = functools.partial(torch.matmul, a, b, out=out)
-            fn()  # warm-up: cuBLAS handle and heuristics
-            torch.cuda.synchronize(device)
-            per_call = min(_cuda_timer(fn, 5) for _ in range(max(plan.gemm_reps, 3)))
+            # one warm-up call (cuBLAS handle and heuristics); time_region synchronises after it
+            stats = _per_call(fn, device, reps=max(plan.gemm_reps, 3), inner=5, warmup=1)
+            per_call = min(stats.samples_s)
             rate = 2 * n**3 / per_call
             if rate > best:
                 best, best_n = rate, n
@@ -921,7 +878,7 @@ def _cuda_gemm_peak(device: torch.device, dtype: str, plan: _Plan) -> tuple[floa
 def _check_override(label: str, value: float | None) -> float | None:
     if value is None:
         return None
-    if not (math.isfinite(value) and value > 0):
+    if not _is_positive_finite(value):
         raise UserError(f"--peak-{label} must be a positive number, got {value!r}")
     return float(value)
 

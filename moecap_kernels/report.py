@@ -5,16 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from moecap_kernels import __version__
+from moecap_kernels.files import write_atomic  # noqa: F401  (re-exported: report.write_atomic)
 from moecap_kernels.runner import RowResult
 
 SCHEMA_VERSION = 1
@@ -80,22 +78,6 @@ def document(rows: Sequence[RowResult], command: str) -> dict[str, Any]:
 # --- files ---------------------------------------------------------------------------------
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never half."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def to_json(rows: Sequence[RowResult], command: str) -> str:
     return json.dumps(document(rows, command), indent=2) + "\n"
 
@@ -153,28 +135,33 @@ def to_csv(rows: Sequence[RowResult]) -> str:
 # --- terminal ------------------------------------------------------------------------------
 
 
+def _si(value: float, units: Sequence[str]) -> tuple[float, str]:
+    """``value`` divided by 1000 until below 1000 (or out of ``units``), and the unit reached."""
+    for unit in units[:-1]:
+        if abs(value) < 1000:
+            return value, unit
+        value /= 1000
+    return value, units[-1]
+
+
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
+    value, unit = _si(n, ("B", "KB", "MB", "GB", "TB"))
+    return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
 
 
 def human_flops(n: float) -> str:
-    for unit in ("", "K", "M", "G", "T", "P"):
-        if abs(n) < 1000 or unit == "P":
-            return f"{n:.1f} {unit}FLOP"
-        n /= 1000
-    raise AssertionError("unreachable")
+    value, unit = _si(n, ("", "K", "M", "G", "T", "P"))
+    return f"{value:.1f} {unit}FLOP"
+
+
+def _time_scale(seconds: float) -> tuple[float, str]:
+    """The factor and unit (s, ms or µs) in which ``seconds`` reads best."""
+    return (1.0, "s") if seconds >= 1 else (1e3, "ms") if seconds >= 1e-3 else (1e6, "µs")
 
 
 def human_time(seconds: float) -> str:
-    if seconds >= 1:
-        return f"{seconds:.2f} s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.2f} ms"
-    return f"{seconds * 1e6:.1f} µs"
+    scale, unit = _time_scale(seconds)
+    return f"{seconds * scale:.{1 if unit == 'µs' else 2}f} {unit}"
 
 
 def _pct(x: float) -> str:
@@ -182,7 +169,7 @@ def _pct(x: float) -> str:
 
 
 def _span(low: float, high: float) -> str:
-    scale, unit = (1.0, "s") if high >= 1 else (1e3, "ms") if high >= 1e-3 else (1e6, "µs")
+    scale, unit = _time_scale(high)
     return f"{low * scale:.3g}–{high * scale:.3g} {unit}"
 
 
@@ -253,7 +240,7 @@ def denominators_note(rows: Sequence[RowResult]) -> str:
     return (
         f"S-MBU, MBU: ÷ {human_bytes(p.bandwidth_bytes_per_s)}/s ({p.bandwidth_source}).  "
         f"S-MFU, MFU: ÷ {human_flops(p.flops_per_s)}/s {p.dtype} ({p.flops_source}).  "
-        f"Ridge point {rows[0].util.ridge_point:.1f} FLOP/byte.  Timing: {rows[0].time.method}, "
+        f"Ridge point {p.ridge_point:.1f} FLOP/byte.  Timing: {rows[0].time.method}, "
         f"median of {len(rows[0].time.samples_s)} reps; {cache}.  Counts: {rows[0].counter_impl}.  "
         "Dense MBU/MFU count every expert as read and computed: above 100% where sparsity saves work."
     )

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -237,10 +238,9 @@ def test_counts_helpers() -> None:
     twice = reference_counts(spec, [[[0, 2], [0, 9]], [[0, 2], [0, 9]]]).per_forward()
     assert (twice.forwards, twice.routed_pairs, twice.invalid_ids, twice.activated_experts) == (1, 3, 1, 2)
     assert twice.tokens_per_expert == (2, 0, 1, 0)
-    data = counts.to_dict()
-    assert data["tokens_per_expert"] == [3, 1, 1, 0]
-    assert set(data) == {"tokens_per_expert", *STAT_FIELDS}
-    stats = [*data["tokens_per_expert"], *(data[name] for name in STAT_FIELDS)]
+    assert counts.tokens_per_expert == (3, 1, 1, 0)
+    assert {f.name for f in fields(Counts)} == {"tokens_per_expert", *STAT_FIELDS}
+    stats = [*counts.tokens_per_expert, *(getattr(counts, name) for name in STAT_FIELDS)]
     assert Counts.from_stats(stats, 4) == counts
 
 

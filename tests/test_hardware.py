@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from moecap_kernels import _ext, files
 from moecap_kernels import hardware as hw
 from moecap_kernels._ext import load_extension
 from moecap_kernels.errors import UserError
@@ -77,7 +78,7 @@ def test_near_misses_do_not_match(name: str) -> None:
 
 
 def test_every_entry_is_complete_and_plausible() -> None:
-    entries = hw.list_datasheet()
+    entries = hw.DATASHEET
     assert len(entries) >= 12
     assert len({e.key for e in entries}) == len(entries)
     for e in entries:
@@ -92,14 +93,14 @@ def test_every_entry_is_complete_and_plausible() -> None:
 
 
 def test_every_entry_matches_its_own_display_name() -> None:
-    for e in hw.list_datasheet():
+    for e in hw.DATASHEET:
         found = hw.datasheet_entry(e.name)
         assert found is not None and found.key == e.key, e.name
 
 
 def test_format_datasheet_lists_every_entry() -> None:
     text = hw.format_datasheet()
-    assert all(e.name in text for e in hw.list_datasheet())
+    assert all(e.name in text for e in hw.DATASHEET)
 
 
 # ----------------------------------------------------------------------------- precedence
@@ -291,11 +292,49 @@ def test_cache_with_bad_figures_or_other_machine_reads_as_none(cache_dir: Path) 
     assert hw.load_cached_calibration(info) is None
 
 
+def test_calibration_json_lists_every_field_but_from_cache() -> None:
+    data = replace(_calibration(), from_cache=True).to_json()
+    assert list(data) == [
+        "schema",
+        "machine_id",
+        "device_name",
+        "kind",
+        "torch_version",
+        "threads",
+        "date",
+        "read_bandwidth_bytes_per_s",
+        "copy_bandwidth_bytes_per_s",
+        "gemm_flops_per_s",
+        "gemm_sizes",
+        "gemm_notes",
+        "duration_s",
+        "quick",
+    ]
+    assert data["schema"] == hw.CACHE_SCHEMA and data["gemm_sizes"] == {"bfloat16": 8192, "float32": 8192}
+    assert hw.Calibration.from_json(data) == _calibration()
+
+
+def test_calibrations_and_builds_share_one_cache_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MOECAP_CACHE_DIR > XDG_CACHE_HOME/moecap_kernels > ~/.cache/moecap_kernels, for both."""
+    info = _info()
+    monkeypatch.delenv("MOECAP_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    expected = tmp_path / "home" / ".cache" / "moecap_kernels"
+    assert hw.cache_path(info).parent == _ext.cache_root() == expected
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert hw.cache_path(info).parent == _ext.cache_root() == tmp_path / "xdg" / "moecap_kernels"
+    monkeypatch.setenv("MOECAP_CACHE_DIR", str(tmp_path / "mine"))
+    assert hw.cache_path(info).parent == _ext.cache_root() == tmp_path / "mine"
+
+
 def test_failed_write_leaves_no_temp_file(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(src: str, dst: str) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(hw.os, "replace", boom)
+    monkeypatch.setattr(files.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
         hw.save_calibration(_calibration(), _info())
     assert list(cache_dir.iterdir()) == []
@@ -319,12 +358,28 @@ def test_quick_cpu_calibration_is_plausible_and_cached(cache_dir: Path) -> None:
     assert peaks.bandwidth_source.endswith("(cached)") and "(cached)" in peaks.flops_source
 
 
+def test_copy_buffer_size_counts_source_and_destination(monkeypatch: pytest.MonkeyPatch) -> None:
+    info = replace(_info(), memory_available_bytes=2**30)
+    one, two = hw._bandwidth_buffer_bytes(info, 8), hw._bandwidth_buffer_bytes(info, 8, buffers=2)
+    assert (one, two) == (2**28, 2**27)  # a quarter of free memory, shared by the buffers
+    asked: list[int] = []
+
+    def spy(info: hw.DeviceInfo, multiple: int, buffers: int = 1) -> int:
+        asked.append(buffers)
+        return 2**20
+
+    monkeypatch.setattr(hw, "_bandwidth_buffer_bytes", spy)
+    plan = hw._Plan((8,), 1, 1, 1, 0.1, 128, (128,))
+    read_bw, copy_bw = hw._measure_bandwidth(torch.device("cpu"), hw.detect_device("cpu"), plan)
+    assert asked == [1, 2] and read_bw > 0 and copy_bw > 0  # one read buffer; copy's src and dst
+
+
 def test_cpu_gemm_budget_flags_a_slow_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
     """A GEMM that is slow at every size stops early and is noted, within its time budget."""
     real = torch.matmul
 
     def slow_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        time.sleep(a.shape[0] ** 3 * 2e-9)  # ~0.5 GFLOP/s
+        time.sleep(a.shape[0] ** 3 * 2e-9)  # 2e-9·n³ s for 2n³ FLOP: 1 GFLOP/s
         return real(a, b)
 
     monkeypatch.setattr(hw.torch, "matmul", slow_matmul)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
-from moecap_kernels.metrics import load_imbalance, traffic, utilization, work
-from moecap_kernels.spec import load_preset
+from moecap_kernels.counters import CountAccumulator, Counts
+from moecap_kernels.metrics import Traffic, Work, load_imbalance, traffic, utilization, work
+from moecap_kernels.spec import MoESpec, load_preset
 
 PRESETS = ["mixtral-8x7b", "qwen1.5-moe-a2.7b", "deepseek-v3", "olmoe-1b-7b", "deepseek-v2-lite"]
 
@@ -44,24 +46,56 @@ def test_bytes_and_flops_match_hand_formulas(name, tokens):
     spec = load_preset(name)
     ids = [rng.sample(range(spec.num_experts), spec.top_k) for _ in range(tokens)]
     s, activated, per_expert, bytes_, flops, dense_bytes, dense_flops = by_hand(name, ids)
-    t = traffic(s, tokens, activated * s.expert_weight_bytes)
-    w = work(s, tokens, sum(n * 2 * s.params_per_expert for n in per_expert))
+    counts = _count(s, ids)
+    assert (counts.activated_experts, list(counts.tokens_per_expert)) == (activated, per_expert)
+    t = traffic(s, tokens, counts.expert_weight_bytes)
+    w = work(s, tokens, counts.expert_flops)
     assert (t.compulsory, t.dense, w.useful, w.dense) == (bytes_, dense_bytes, flops, dense_flops)
     assert all(isinstance(v, int) for v in (t.compulsory, t.dense, w.useful, w.dense))
 
 
-def test_utilization_ratios_and_bound():
-    s = load_preset("mixtral-8x7b")
-    t = traffic(s, 1, 2 * s.expert_weight_bytes)
-    w = work(s, 1, 2 * 2 * s.params_per_expert)
-    u = utilization(t, w, seconds=0.01, peak_bandwidth=4.8e12, peak_flops=989e12)
-    assert u.s_mbu == pytest.approx(t.compulsory / 0.01 / 4.8e12)
-    assert u.s_mfu == pytest.approx(w.useful / 0.01 / 989e12)
-    assert u.mbu_dense > u.s_mbu  # 8 experts read, 2 needed
-    assert u.bound == "memory" and u.arithmetic_intensity < 2
-    assert u.roofline_time_s == pytest.approx(t.compulsory / 4.8e12)
-    big = utilization(t, work(s, 1, 10**18), seconds=1.0, peak_bandwidth=4.8e12, peak_flops=989e12)
-    assert big.bound == "compute"
+def _count(spec: MoESpec, ids: list[list[int]]) -> Counts:
+    """One forward's counts of routing ``ids``, from the counters' pure-torch path."""
+    acc = CountAccumulator(spec, "cpu", use_extension=False)
+    acc.add(torch.tensor(ids, dtype=torch.int64))
+    return acc.read().per_forward()
+
+
+def test_utilization_of_a_tiny_layer_by_hand():
+    # H=4, F=2, E=4, one shared expert with F_s=2, bf16 (2 bytes): P_e = P_s = 3·4·2 = 24 params.
+    spec = MoESpec(
+        name="tiny",
+        hidden_size=4,
+        intermediate_size=2,
+        num_experts=4,
+        top_k=2,
+        num_shared_experts=1,
+        shared_intermediate_size=2,
+    )
+    counts = _count(spec, [[0, 1], [1, 2]])  # 2 tokens, experts 0, 1, 2 hit, 4 routed pairs
+    t = traffic(spec, 2, counts.expert_weight_bytes)
+    w = work(spec, 2, counts.expert_flops)
+    # bytes: experts 3·48, shared 48, router 4·4·2, activations 2·2·4·2 (in and out); dense: 4·48 experts
+    assert t == Traffic(expert_weights=144, shared_weights=48, router_weights=32, activations=32, dense=304)
+    assert t.compulsory == 256
+    # FLOPs: 4 pairs · 2·24, 2 tokens · 2·24 shared, 2 tokens · 2·16 router; dense: 2 tokens · 4 · 2·24
+    assert w == Work(experts=192, shared=96, router=64, dense=544)
+    assert w.useful == 352
+
+    u = utilization(t, w, seconds=1e-6, peak_bandwidth=1e9, peak_flops=4e9)
+    assert u.s_mbu == pytest.approx(0.256)  # 256 B / 1 µs / 1 GB/s
+    assert u.s_mfu == pytest.approx(0.088)  # 352 FLOP / 1 µs / 4 GFLOP/s
+    assert u.mbu_dense == pytest.approx(0.304)
+    assert u.mfu_dense == pytest.approx(0.136)
+    assert u.arithmetic_intensity == pytest.approx(1.375)  # 352 / 256
+    assert u.ridge_point == pytest.approx(4.0)
+    assert u.bound == "memory"
+    assert u.roofline_time_s == pytest.approx(2.56e-7)  # 256 B at 1 GB/s
+
+    slow = utilization(t, w, seconds=1e-6, peak_bandwidth=1e9, peak_flops=1e8)
+    assert slow.ridge_point == pytest.approx(0.1) and slow.bound == "compute"
+    assert slow.s_mfu == pytest.approx(3.52)
+    assert slow.roofline_time_s == pytest.approx(3.52e-6)  # 352 FLOP at 0.1 GFLOP/s
 
 
 def test_load_imbalance():
