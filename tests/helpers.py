@@ -28,6 +28,30 @@ def spec_shape(spec: MoESpec) -> tuple:
     )
 
 
+def align_reference(
+    topk_ids: list[list[int]], num_experts: int, block_m: int
+) -> tuple[list[int], list[int], int]:
+    """The alignment contract (kernels/align.py) on Python lists: (sorted_pair_ids, block_expert_ids,
+    num_padded). Pairs grouped by expert in pair order, each group padded to a multiple of block_m."""
+    flat = [e for row in topk_ids for e in row]
+    n_pairs = len(flat)
+    bound = n_pairs + min(num_experts, n_pairs) * (block_m - 1)
+    max_padded = -(-bound // block_m) * block_m
+    pairs_of: dict[int, list[int]] = {}
+    for p, e in enumerate(flat):
+        pairs_of.setdefault(e, []).append(p)
+    rows: list[int] = []
+    blocks: list[int] = []
+    for e in sorted(pairs_of):
+        segment = pairs_of[e] + [n_pairs] * (-len(pairs_of[e]) % block_m)
+        rows += segment
+        blocks += [e] * (len(segment) // block_m)
+    num_padded = len(rows)
+    rows += [n_pairs] * (max_padded - num_padded)
+    blocks += [-1] * (max_padded // block_m - len(blocks))
+    return rows, blocks, num_padded
+
+
 def per_pair_reference(x, weights, spec, topk_ids, topk_weights) -> torch.Tensor:
     """y in float64 by the definition: for every token, for every routed pair, one expert matvec."""
     f = spec.intermediate_size

@@ -8,34 +8,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moecap_kernels.kernels.align import align_tokens, max_padded_rows
-
-
-def reference_align(ids: list[list[int]], num_experts: int, block_m: int):
-    """Pairs grouped by expert in pair order, each group padded to a multiple of block_m."""
-    flat = [e for row in ids for e in row]
-    sentinel = len(flat)
-    rows: list[int] = []
-    owners: list[int] = []
-    for e in range(num_experts):
-        pairs = [p for p, pe in enumerate(flat) if pe == e]
-        padded = -(-len(pairs) // block_m) * block_m
-        rows += pairs + [sentinel] * (padded - len(pairs))
-        owners += [e] * (padded // block_m)
-    num_padded = len(rows)
-    top_k = len(ids[0]) if ids else 0
-    bound = sentinel + num_experts * (block_m - 1)  # the looser bound of the brief must hold too
-    assert num_padded <= max_padded_rows(sentinel, num_experts, block_m) <= -(-bound // block_m) * block_m
-    max_padded = max_padded_rows(sentinel, num_experts, block_m)
-    rows += [sentinel] * (max_padded - num_padded)
-    owners += [-1] * (max_padded // block_m - len(owners))
-    return rows, owners, num_padded, top_k
+from tests.helpers import align_reference
 
 
 def check(ids: list[list[int]], num_experts: int, block_m: int, top_k: int) -> None:
     topk_ids = torch.tensor(ids, dtype=torch.int64).reshape(len(ids), top_k)
+    rows, owners, num_padded = align_reference(ids, num_experts, block_m)
+    num_pairs = len(ids) * top_k
+    max_padded = max_padded_rows(num_pairs, num_experts, block_m)
+    looser = -(-(num_pairs + num_experts * (block_m - 1)) // block_m) * block_m  # T·k + E·(block_m − 1)
+    assert num_padded <= max_padded <= looser and len(rows) == max_padded
     for use_extension in (False, None):  # the torch path, and the compiled op where it is built
         got = align_tokens(topk_ids, num_experts, block_m, use_extension=use_extension)
-        rows, owners, num_padded, _ = reference_align(ids, num_experts, block_m)
         assert got.sorted_pair_ids.dtype == torch.int32 and got.block_expert_ids.dtype == torch.int32
         assert got.num_padded.dtype == torch.int32 and got.num_padded.shape == (1,)
         assert got.sorted_pair_ids.tolist() == rows

@@ -15,6 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moecap_kernels import _ext
+from moecap_kernels.kernels.align import align_tokens_torch
+from tests.helpers import align_reference
 
 Aligned = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -27,59 +29,20 @@ def op() -> Callable[[torch.Tensor, int, int], Aligned]:
     return torch.ops.moecap.align_tokens
 
 
-def _torch_align() -> Callable[[torch.Tensor, int, int], Aligned] | None:
-    """align.py's align_tokens as a (sorted, blocks, num_padded) function, or None if not importable."""
-    try:
-        from moecap_kernels.kernels.align import align_tokens_torch as align_tokens
-    except Exception:  # not written yet, or broken: the comparison is skipped
-        return None
-
-    def call(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Aligned:
-        out = align_tokens(topk_ids, num_experts, block_m)
-        if isinstance(out, tuple):
-            return out[0], out[1], out[2]
-        return out.sorted_pair_ids, out.block_expert_ids, out.num_padded
-
-    return call
-
-
-def reference(topk_ids: list[list[int]], num_experts: int, block_m: int) -> tuple[list[int], list[int], int]:
-    """The contract spelled out on Python lists: (sorted_pair_ids, block_expert_ids, num_padded)."""
-    flat = [e for row in topk_ids for e in row]
-    n_pairs = len(flat)
-    bound = n_pairs + min(num_experts, n_pairs) * (block_m - 1)
-    max_padded = -(-bound // block_m) * block_m
-    pairs_of: dict[int, list[int]] = {}
-    for p, e in enumerate(flat):
-        pairs_of.setdefault(e, []).append(p)
-    rows: list[int] = []
-    blocks: list[int] = []
-    for e in sorted(pairs_of):
-        segment = pairs_of[e] + [n_pairs] * (-len(pairs_of[e]) % block_m)
-        rows += segment
-        blocks += [e] * (len(segment) // block_m)
-    num_padded = len(rows)
-    rows += [n_pairs] * (max_padded - num_padded)
-    blocks += [-1] * (max_padded // block_m - len(blocks))
-    return rows, blocks, num_padded
-
-
 def check(op: Callable[..., Aligned], topk_ids: torch.Tensor, num_experts: int, block_m: int) -> None:
-    """The op matches the reference exactly (and align.py's version, when importable)."""
+    """The op matches the reference exactly, and align.py's torch version."""
     sorted_ids, blocks, num_padded = op(topk_ids, num_experts, block_m)
-    want_rows, want_blocks, want_padded = reference(topk_ids.tolist(), num_experts, block_m)
+    want_rows, want_blocks, want_padded = align_reference(topk_ids.tolist(), num_experts, block_m)
     for got in (sorted_ids, blocks, num_padded):
         assert got.dtype == torch.int32 and got.device == topk_ids.device
     assert sorted_ids.tolist() == want_rows
     assert blocks.tolist() == want_blocks
     assert num_padded.tolist() == [want_padded]
 
-    torch_align = _torch_align()
-    if torch_align is not None:
-        for got, want in zip(
-            (sorted_ids, blocks, num_padded), torch_align(topk_ids, num_experts, block_m), strict=True
-        ):
-            assert want.dtype == got.dtype and torch.equal(got, want)
+    torch_out = align_tokens_torch(topk_ids, num_experts, block_m)
+    torch_tensors = (torch_out.sorted_pair_ids, torch_out.block_expert_ids, torch_out.num_padded)
+    for got, want in zip((sorted_ids, blocks, num_padded), torch_tensors, strict=True):
+        assert want.dtype == got.dtype and torch.equal(got, want)
 
 
 @st.composite

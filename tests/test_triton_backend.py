@@ -4,7 +4,6 @@ FLOPs and launch configs."""
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -14,11 +13,15 @@ pytest.importorskip("triton")
 from torch.utils.flop_counter import FlopCounterMode
 
 from moecap_kernels.backends import backend_names, get_backend
+from moecap_kernels.backends.base import shared_routing
 from moecap_kernels.errors import UserError
+from moecap_kernels.kernels import ops
 from moecap_kernels.kernels.configs import KernelConfig, config_file_name, get_config, heuristic_config
 from moecap_kernels.spec import MoESpec
 from moecap_kernels.weights import random_weights
-from tests.test_triton_kernels import TOLERANCE, expected_counters, reference_moe, rel_error
+from tests.helpers import per_pair_reference as reference
+from tests.helpers import tiny_spec
+from tests.test_triton_kernels import TOLERANCE, expected_counters, fixed_order_sum, rel_error
 
 SMALL = KernelConfig(16, 32, 32)
 
@@ -31,16 +34,8 @@ def triton_interpreter():
 
 
 def make_spec(dtype: str = "float16", **overrides) -> MoESpec:
-    base = dict(
-        name="tiny",
-        hidden_size=72,
-        intermediate_size=40,
-        num_experts=6,
-        top_k=2,
-        weight_dtype=dtype,
-        act_dtype=dtype,
-    )
-    return MoESpec(**{**base, **overrides})
+    """tiny_spec with H = 72 (not a multiple of the blocks) and 6 experts, in ``dtype``."""
+    return tiny_spec(**{"hidden_size": 72, "num_experts": 6, **overrides}).with_dtype(dtype)
 
 
 def routed_inputs(spec: MoESpec, tokens: int, seed: int):
@@ -49,13 +44,6 @@ def routed_inputs(spec: MoESpec, tokens: int, seed: int):
     ids = torch.stack([torch.randperm(spec.num_experts, generator=gen)[: spec.top_k] for _ in range(tokens)])
     weights = torch.rand(tokens, spec.top_k, generator=gen) + 0.1
     return x, ids, weights
-
-
-def reference(x, weights, spec, ids, topk_weights):
-    shared = (weights.shared_w_in, weights.shared_w_out) if spec.num_shared_experts else (None, None)
-    return reference_moe(
-        x, weights.w_in, weights.w_out, ids, topk_weights, spec.gated, spec.activation, *shared
-    )
 
 
 def backend(**options):
@@ -121,13 +109,23 @@ def test_heuristic_config_forward():
     assert rel_error(y, reference(x, weights, spec, ids, topk_weights)) < TOLERANCE[x.dtype]
 
 
-def test_deterministic_forward_is_bitwise_reproducible():
-    spec = make_spec("float32", num_shared_experts=1, shared_intermediate_size=32)
+def test_deterministic_forward_is_the_fixed_order_combine():
+    """deterministic: per-pair rows summed in pair order then shared order, bit for bit. With k = 3
+    the float atomics (here: adds in expert-sorted order) round differently, which the test sees."""
+    spec = make_spec("float32", top_k=3, num_shared_experts=1, shared_intermediate_size=32)
     weights = random_weights(spec, seed=6)
     x, ids, topk_weights = routed_inputs(spec, 30, seed=7)
-    b = backend(deterministic=True, config=SMALL)
-    first = b.forward(x, weights, spec, ids, topk_weights)
-    assert torch.equal(first, b.forward(x, weights, spec, ids, topk_weights))
+    options = dict(gated=spec.gated, activation=spec.activation, atomic=False)
+    routed = ops.fused_experts(x, weights.w_in, weights.w_out, ids, topk_weights, SMALL, **options)
+    shared_ids, ones = shared_routing(30, 1, x.device)
+    shared = ops.fused_experts(
+        x, weights.shared_w_in, weights.shared_w_out, shared_ids, ones, SMALL, **options
+    )
+    want = fixed_order_sum(routed, shared, spec.top_k, 1)
+    got = backend(deterministic=True, config=SMALL).forward(x, weights, spec, ids, topk_weights)
+    assert torch.equal(got, want)
+    atomic = backend(config=SMALL).forward(x, weights, spec, ids, topk_weights)
+    assert not torch.equal(atomic, want)
 
 
 @pytest.mark.parametrize("gated", [True, False])
@@ -169,9 +167,13 @@ def test_counting_off_leaves_counters_alone():
     spec = make_spec("float16")
     weights = random_weights(spec, seed=10)
     x, ids, topk_weights = routed_inputs(spec, 4, seed=11)
-    b = backend(config=SMALL)
+    b = backend(count=True, config=SMALL)
+    b.forward(x, weights, spec, ids, topk_weights)  # creates the counter buffer and fills it
+    counted = b.read_kernel_counters()
+    assert counted["executed_flops"] > 0
+    b.count = False
     b.forward(x, weights, spec, ids, topk_weights)
-    assert b.read_kernel_counters()["executed_flops"] == 0
+    assert b.read_kernel_counters() == counted
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -223,4 +225,4 @@ def test_malformed_tuned_config(tmp_path):
 def test_config_validation():
     with pytest.raises(UserError, match="power of two"):
         KernelConfig(24, 32, 32)
-    assert math.prod(SMALL.as_list()) > 0
+    assert SMALL.as_list() == [16, 32, 32, 1, 4, 3]

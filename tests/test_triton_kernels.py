@@ -240,13 +240,31 @@ def test_random_layers_match_float64(seed):
     assert rel_error(y, want) < TOLERANCE[c["dtype"]], (c, config)
 
 
-def test_deterministic_mode_is_bitwise_reproducible():
-    rng = random.Random(3)
-    layer = make_layer(rng, 40, 8, 3, 96, 80, True, torch.float32, num_shared=1, inter_s=48)
-    config = KernelConfig(16, 32, 32)
-    first = run_layer(layer, config, True, "silu", atomic=False)
-    second = run_layer(layer, config, True, "silu", atomic=False)
-    assert torch.equal(first, second)
+def fixed_order_sum(routed, shared, top_k: int, num_shared: int, reverse: bool = False) -> torch.Tensor:
+    """y[t] = ((0 + routed[t·k]) + routed[t·k + 1]) + ... + shared[t·S] + ..., in fp32, in that order."""
+    terms = [routed.view(-1, top_k, routed.shape[1])[:, j] for j in range(top_k)]
+    terms += [shared.view(-1, num_shared, shared.shape[1])[:, s] for s in range(num_shared)]
+    acc = torch.zeros_like(terms[0], dtype=torch.float32)
+    for term in reversed(terms) if reverse else terms:
+        acc = acc + term.float()
+    return acc
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_combine_is_the_fixed_order_sum(out_dtype):
+    """Bit for bit the fp32 sum in pair order, then shared order, then one cast (the interpreter is
+    sequential, so comparing two runs would prove nothing; the order is what makes it reproducible)."""
+    gen = torch.Generator().manual_seed(3)
+    tokens, top_k, num_shared, hidden = 40, 3, 2, 300  # two H blocks, the second one masked
+
+    def rows(n):  # magnitudes 1e-3..1e3 so that the summation order shows in the low bits
+        return torch.randn(n, hidden, generator=gen) * 10.0 ** torch.randint(-3, 4, (n, 1), generator=gen)
+
+    routed, shared = rows(tokens * top_k), rows(tokens * num_shared)
+    want = fixed_order_sum(routed, shared, top_k, num_shared)
+    assert not torch.equal(want, fixed_order_sum(routed, shared, top_k, num_shared, reverse=True))
+    y = ops.moe_combine(routed, shared, top_k, num_shared, out_dtype)
+    assert torch.equal(y, want.to(out_dtype))
 
 
 # --- counters and FLOP formulas ---------------------------------------------------------------
@@ -385,7 +403,6 @@ def test_gate_up_compiles_for_hopper(monkeypatch, dtype, block, gated, activatio
         ACTIVATION=activation,
         INPUT_PRECISION="ieee" if dtype == "fp32" else None,
         COUNT=count,
-        W_BYTES=4 if dtype == "fp32" else 2,
     )
     ptx = _hopper_compile(
         gate_up_kernel,
@@ -423,7 +440,6 @@ def test_down_and_combine_compile_for_hopper(monkeypatch, dtype, atomic, count):
         ATOMIC=atomic,
         INPUT_PRECISION=None,
         COUNT=count,
-        W_BYTES=2,
     )
     ptx = _hopper_compile(
         down_kernel, pointers, constexprs, ("stride_hf", "stride_wf", "stride_oh"), num_warps=4, num_stages=3

@@ -16,13 +16,12 @@ one used is ``last_config``, whose ``source`` says which).
 from __future__ import annotations
 
 import importlib.util
-import os
 from typing import Any
 
 import torch
 
 from moecap_kernels.backends import register
-from moecap_kernels.backends.base import Backend
+from moecap_kernels.backends.base import Backend, shared_routing
 from moecap_kernels.nvtx import nvtx_range
 from moecap_kernels.spec import MoESpec
 from moecap_kernels.weights import MoEWeights
@@ -46,7 +45,9 @@ class TritonBackend(Backend):
             return "the triton backend needs the triton package (pip install triton)"
         if device.type == "cuda":
             return None
-        if device.type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
+        from moecap_kernels.kernels.lazy_jit import interpreting
+
+        if device.type != "cpu" or not interpreting():
             return "the triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 to run (slowly) on the CPU"
         if dtype == torch.bfloat16:
             return (
@@ -129,9 +130,7 @@ class TritonBackend(Backend):
             routed = fused_experts(xw, weights.w_in, weights.w_out, topk_ids, topk_weights, config, **options)
             shared = None
             if spec.num_shared_experts:
-                num_tokens, num_shared = x.shape[0], spec.num_shared_experts
-                ids = torch.arange(num_shared, device=x.device).expand(num_tokens, num_shared)
-                ones = torch.ones((num_tokens, num_shared), dtype=torch.float32, device=x.device)
+                ids, ones = shared_routing(x.shape[0], spec.num_shared_experts, x.device)
                 shared = fused_experts(
                     xw, weights.shared_w_in, weights.shared_w_out, ids, ones, config, **options
                 )

@@ -36,10 +36,6 @@ class AlignedRouting:
     sorted_pair_ids: torch.Tensor
     block_expert_ids: torch.Tensor
     num_padded: torch.Tensor
-    num_pairs: int
-    top_k: int
-    num_experts: int
-    block_m: int
 
     @property
     def max_padded(self) -> int:
@@ -76,19 +72,7 @@ def align_tokens(
         use_extension = has_op("align_tokens", topk_ids.device.type)
     if not use_extension:
         return align_tokens_torch(topk_ids, num_experts, block_m)
-    sorted_pair_ids, block_expert_ids, num_padded = torch.ops.moecap.align_tokens(
-        topk_ids, num_experts, block_m
-    )
-    num_tokens, top_k = topk_ids.shape
-    return AlignedRouting(
-        sorted_pair_ids=sorted_pair_ids,
-        block_expert_ids=block_expert_ids,
-        num_padded=num_padded,
-        num_pairs=num_tokens * top_k,
-        top_k=top_k,
-        num_experts=num_experts,
-        block_m=block_m,
-    )
+    return AlignedRouting(*torch.ops.moecap.align_tokens(topk_ids, num_experts, block_m))
 
 
 def align_tokens_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> AlignedRouting:
@@ -118,12 +102,4 @@ def align_tokens_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int) -
     owner = torch.searchsorted(padded_end, block_starts, right=True)
     block_expert_ids = torch.where(owner < num_experts, owner, -1).to(torch.int32)
     num_padded = padded_end[-1:].to(torch.int32)
-    return AlignedRouting(
-        sorted_pair_ids=sorted_pair_ids,
-        block_expert_ids=block_expert_ids,
-        num_padded=num_padded,
-        num_pairs=num_pairs,
-        top_k=top_k,
-        num_experts=num_experts,
-        block_m=block_m,
-    )
+    return AlignedRouting(sorted_pair_ids, block_expert_ids, num_padded)

@@ -64,9 +64,9 @@ def gate_up_kernel(
     ACTIVATION: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     COUNT: tl.constexpr,
-    W_BYTES: tl.constexpr,
 ):
     # Grouped launch order: GROUP_M M-blocks (mostly one expert) sweep N together, for L2 reuse.
+    # Tile scheduling down to the early return: keep in sync with down_kernel (lazy_jit: no shared helper).
     pid = tl.program_id(0)
     num_n_blocks = (inter + BLOCK_N - 1) // BLOCK_N
     group_span = GROUP_M * num_n_blocks
@@ -120,7 +120,8 @@ def gate_up_kernel(
         if GATED:
             n_cols = n_cols * 2  # gate and up tiles
         tl.atomic_add(counters_ptr + 1, n_cols * hidden * (2 * BLOCK_M), sem="relaxed")
-        tl.atomic_add(counters_ptr + 2, n_cols * hidden * W_BYTES, sem="relaxed")
+        w_bytes = w_ptr.dtype.element_ty.primitive_bitwidth // 8
+        tl.atomic_add(counters_ptr + 2, n_cols * hidden * w_bytes, sem="relaxed")
         if pid_n == 0:  # one +1 per padding row, to a single address
             ones = tl.full((BLOCK_M,), 1, tl.int64)
             tl.atomic_add(counters_ptr + offs_m * 0, ones, mask=pair >= num_pairs, sem="relaxed")
@@ -155,8 +156,8 @@ def down_kernel(
     ATOMIC: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     COUNT: tl.constexpr,
-    W_BYTES: tl.constexpr,
 ):
+    # Tile scheduling down to the early return: keep in sync with gate_up_kernel (lazy_jit: no shared helper).
     pid = tl.program_id(0)
     num_n_blocks = (hidden + BLOCK_N - 1) // BLOCK_N
     group_span = GROUP_M * num_n_blocks
@@ -204,4 +205,5 @@ def down_kernel(
     if COUNT:
         n_cols = tl.minimum(hidden - pid_n * BLOCK_N, BLOCK_N).to(tl.int64)
         tl.atomic_add(counters_ptr + 1, n_cols * inter * (2 * BLOCK_M), sem="relaxed")
-        tl.atomic_add(counters_ptr + 2, n_cols * inter * W_BYTES, sem="relaxed")
+        w_bytes = w_ptr.dtype.element_ty.primitive_bitwidth // 8
+        tl.atomic_add(counters_ptr + 2, n_cols * inter * w_bytes, sem="relaxed")

@@ -17,6 +17,11 @@ from typing import Any
 import triton
 
 
+def interpreting() -> bool:
+    """Whether TRITON_INTERPRET asks for the interpreter, read as Triton reads it (1/true/on, any case)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on")
+
+
 class LazyKernel:
     """Wraps a plain kernel function; ``kernel[grid](...)`` jits it for the current mode, once."""
 
@@ -24,12 +29,8 @@ class LazyKernel:
         self.fn = fn
         self._jitted: dict[bool, Any] = {}
 
-    @staticmethod
-    def interpreting() -> bool:
-        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
-
     def jitted(self) -> Any:
-        mode = self.interpreting()
+        mode = interpreting()
         if mode not in self._jitted:
             self._jitted[mode] = triton.jit(self.fn)
         return self._jitted[mode]

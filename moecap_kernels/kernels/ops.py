@@ -42,6 +42,32 @@ def _input_precision(dtype: torch.dtype) -> str | None:
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
+def _launch_kwargs(top_k: int, config: list[int], dtype: torch.dtype) -> dict:
+    """The launch arguments that both grouped GEMM kernels take alike."""
+    block_m, block_n, block_k, group_m, num_warps, num_stages = config
+    return dict(
+        TOP_K=top_k,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        GROUP_M=group_m,
+        INPUT_PRECISION=_input_precision(dtype),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+
+
+def _intermediate_size(w_in: torch.Tensor, gated: bool) -> int:
+    """F of ``w_in`` [E, F_in, H]: F_in holds the gate rows then the up rows when gated."""
+    return w_in.shape[1] // (2 if gated else 1)
+
+
+def _down_rows(topk_weights: torch.Tensor, atomic: bool) -> int:
+    """Rows of the down output: T (combined atomically) or T·k (one per pair)."""
+    num_tokens, top_k = topk_weights.shape
+    return num_tokens if atomic else num_tokens * top_k
+
+
 def _device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
@@ -71,14 +97,14 @@ def launch_gate_up(
     count: bool,
 ) -> None:
     """Fill the routed rows of ``h`` [max_padded, F] (padding rows are left as they were)."""
-    block_m, block_n, block_k, group_m, num_warps, num_stages = config
+    block_m, block_n, *_ = config
     _check_layout(sorted_pair_ids, block_expert_ids, block_m)
     if x.dtype != w_in.dtype:
         raise ValueError(f"x ({x.dtype}) and w_in ({w_in.dtype}) must share a dtype")
     if activation not in ACTIVATION_CODES:
         raise ValueError(f"activation must be one of {sorted(ACTIVATION_CODES)}, got {activation!r}")
     hidden = x.shape[1]
-    inter = w_in.shape[1] // (2 if gated else 1)
+    inter = _intermediate_size(w_in, gated)
     num_m_blocks = block_expert_ids.numel()
     if num_m_blocks == 0 or inter == 0:
         return
@@ -103,18 +129,10 @@ def launch_gate_up(
             w_in.stride(2),
             h.stride(0),
             h.stride(1),
-            TOP_K=top_k,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            BLOCK_K=block_k,
-            GROUP_M=group_m,
             GATED=gated,
             ACTIVATION=ACTIVATION_CODES[activation],
-            INPUT_PRECISION=_input_precision(x.dtype),
             COUNT=count,
-            W_BYTES=w_in.element_size(),
-            num_warps=num_warps,
-            num_stages=num_stages,
+            **_launch_kwargs(top_k, config, x.dtype),
         )
 
 
@@ -132,7 +150,7 @@ def moe_gate_up(
     config: list[int],
     count: bool,
 ) -> torch.Tensor:
-    inter = w_in.shape[1] // (2 if gated else 1)
+    inter = _intermediate_size(w_in, gated)
     h = torch.empty((sorted_pair_ids.numel(), inter), dtype=x.dtype, device=x.device)
     launch_gate_up(
         x,
@@ -155,8 +173,7 @@ def moe_gate_up(
 def _(
     x, w_in, sorted_pair_ids, block_expert_ids, num_padded, counters, top_k, gated, activation, config, count
 ):
-    inter = w_in.shape[1] // (2 if gated else 1)
-    return x.new_empty((sorted_pair_ids.shape[0], inter))
+    return x.new_empty((sorted_pair_ids.shape[0], _intermediate_size(w_in, gated)))
 
 
 def launch_down(
@@ -173,7 +190,7 @@ def launch_down(
     count: bool,
 ) -> None:
     """Weighted down projection: atomically added into ``out`` [T, H] (fp32), or stored to its pair rows."""
-    block_m, block_n, block_k, group_m, num_warps, num_stages = config
+    block_m, block_n, *_ = config
     _check_layout(sorted_pair_ids, block_expert_ids, block_m)
     if h.dtype != w_out.dtype:
         raise ValueError(f"h ({h.dtype}) and w_out ({w_out.dtype}) must share a dtype")
@@ -207,17 +224,9 @@ def launch_down(
             w_out.stride(2),
             out.stride(0),
             out.stride(1),
-            TOP_K=top_k,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            BLOCK_K=block_k,
-            GROUP_M=group_m,
             ATOMIC=atomic,
-            INPUT_PRECISION=_input_precision(h.dtype),
             COUNT=count,
-            W_BYTES=w_out.element_size(),
-            num_warps=num_warps,
-            num_stages=num_stages,
+            **_launch_kwargs(top_k, config, h.dtype),
         )
 
 
@@ -234,10 +243,8 @@ def moe_down(
     atomic: bool,
     count: bool,
 ) -> torch.Tensor:
-    num_tokens, top_k = topk_weights.shape
-    rows = num_tokens if atomic else num_tokens * top_k
     alloc = torch.zeros if atomic else torch.empty
-    out = alloc((rows, w_out.shape[1]), dtype=torch.float32, device=h.device)
+    out = alloc((_down_rows(topk_weights, atomic), w_out.shape[1]), dtype=torch.float32, device=h.device)
     launch_down(
         h,
         w_out,
@@ -256,9 +263,7 @@ def moe_down(
 
 @moe_down.register_fake
 def _(h, w_out, sorted_pair_ids, block_expert_ids, num_padded, topk_weights, counters, config, atomic, count):
-    num_tokens, top_k = topk_weights.shape
-    rows = num_tokens if atomic else num_tokens * top_k
-    return h.new_empty((rows, w_out.shape[1]), dtype=torch.float32)
+    return h.new_empty((_down_rows(topk_weights, atomic), w_out.shape[1]), dtype=torch.float32)
 
 
 def launch_combine(
