@@ -32,10 +32,11 @@ OP_NAME = "moe_experts_cpu"
 ACTIVATION_CODES = {"silu": 0, "gelu": 1}  # the op's codes; "gelu" is the erf form, as F.gelu
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # The op runs while an expert's routed activation rows — T·k / E rows on average, of max(H, F)
-# elements — take at most this many bytes; beyond, GEMMs on packed weights are faster. Crossovers
-# measured with `python benchmarks/cpu_kernel_bench.py` (op vs packed ms) on the 2-core CI machine:
-# Mixtral-8x7B between 0.5 and 1 rows of 28 KiB, Qwen3-30B-A3B and OLMoE-1B-7B between 4 and 8
-# rows of 4 KiB, DeepSeek-V2-Lite between 3 and 6 rows of 4 KiB.
+# elements — take at most this many bytes; beyond, GEMMs on packed weights are as fast or faster.
+# Crossovers on the 2-core CI machine (commands and tables in
+# benchmarks/results/cpu_kernel_bench-2026-11-29-crossovers.md): Mixtral-8x7B between 0.5 and 1
+# rows of 28 KiB, Qwen3-30B-A3B and OLMoE-1B-7B between 4 and 8 rows of 4 KiB, DeepSeek-V2-Lite
+# between 3 and 6 rows of 4 KiB.
 FUSED_MAX_EXPERT_ROW_BYTES = 16 * 1024
 
 
