@@ -351,7 +351,7 @@ def test_prepare_packs_only_when_gemms_will_run(gemms: bool, monkeypatch: pytest
     ],
 )
 def test_threshold_sits_between_the_measured_crossovers(preset: str, op_up_to: int, gemms_from: int) -> None:
-    """The T at which each path won in benchmarks/cpu_kernel_bench.py (bf16, 2-core CI machine)."""
+    """The T at which each path won: benchmarks/results/cpu_kernel_bench-2026-11-29-crossovers.md."""
     from moecap_kernels.spec import load_preset
 
     spec = load_preset(preset).with_dtype("bfloat16")
