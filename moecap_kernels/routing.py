@@ -9,7 +9,6 @@ through the same arithmetic.
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from moecap_kernels.errors import UserError
+from moecap_kernels.limits import MAX_EXPERTS, MAX_TOKENS
 from moecap_kernels.spec import MoESpec
 
 SYNTHETIC_KINDS = ("uniform", "zipf", "dirichlet", "hot")
@@ -100,8 +100,18 @@ def _distinct_draws(popularity: torch.Tensor, tokens: int, k: int, gen: torch.Ge
     return torch.multinomial(probs, k, replacement=False, generator=gen)
 
 
+def check_routing(choice: RoutingChoice, spec: MoESpec) -> None:
+    """Refuse a synthetic routing that cannot be drawn for ``spec`` (before any work is done)."""
+    if choice.kind == "hot" and not spec.top_k <= int(choice.param or 0) <= spec.num_experts:
+        raise UserError(
+            f"routing hot:{int(choice.param or 0)} needs top_k ({spec.top_k}) <= N <= "
+            f"num_experts ({spec.num_experts})"
+        )
+
+
 def synthetic_ids(choice: RoutingChoice, tokens: int, spec: MoESpec, seed: int) -> torch.Tensor:
     """int64 [tokens, k] expert ids drawn from a seeded synthetic distribution (CPU tensor)."""
+    check_routing(choice, spec)
     e, k = spec.num_experts, spec.top_k
     gen = torch.Generator().manual_seed(seed)
     if choice.kind == "uniform":
@@ -114,8 +124,6 @@ def synthetic_ids(choice: RoutingChoice, tokens: int, spec: MoESpec, seed: int) 
         return _distinct_draws(torch.from_numpy(popularity), tokens, k, gen)
     if choice.kind == "hot":
         n_hot = int(choice.param)
-        if not k <= n_hot <= e:
-            raise UserError(f"routing hot:{n_hot} needs top_k ({k}) <= N <= num_experts ({e})")
         hot = torch.randperm(e, generator=gen)[:n_hot]
         picks = _distinct_draws(torch.ones(n_hot), tokens, k, gen)
         return hot[picks]
@@ -125,16 +133,52 @@ def synthetic_ids(choice: RoutingChoice, tokens: int, spec: MoESpec, seed: int) 
 # --- trace replay -------------------------------------------------------------------------
 
 
-def load_trace(path: Path, spec: MoESpec) -> torch.Tensor:
-    """A recorded routing: an integer .npy array [T, k] of expert ids, validated against ``spec``."""
+def _check_npy_header(path: Path) -> None:
+    """Refuse, before reading any data, a file whose header is not a bounded [T, k] integer array
+    or promises more data than the file holds (np.load would allocate what the header claims)."""
     try:
-        array = np.load(path, allow_pickle=False)
+        with path.open("rb") as handle:
+            if handle.read(4) == b"PK\x03\x04":
+                raise UserError(f"trace {path}: expected one .npy array, got an .npz archive")
+            handle.seek(0)
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+            else:
+                raise UserError(f"trace {path}: .npy format version {version} is not supported")
+            data_start = handle.tell()
     except FileNotFoundError:
         raise UserError(f"trace {path}: no such file") from None
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise UserError(f"trace {path}: not a readable .npy array ({exc})") from None
-    if not isinstance(array, np.ndarray):
-        raise UserError(f"trace {path}: expected one .npy array, got an .npz archive")
+    except (ValueError, OSError, EOFError, SyntaxError) as exc:
+        raise UserError(f"trace {path}: not a readable .npy array ({_first_line(exc)})") from None
+    if len(shape) != 2:
+        raise UserError(f"trace {path}: expected a [T, k] array, got shape {list(shape)}")
+    tokens, k = shape
+    if tokens > MAX_TOKENS or k > MAX_EXPERTS:
+        raise UserError(
+            f"trace {path}: shape {list(shape)} is beyond the limits of {MAX_TOKENS} tokens "
+            f"and {MAX_EXPERTS} experts per token"
+        )
+    if dtype.hasobject:
+        raise UserError(f"trace {path}: expert ids must be integers, got dtype {dtype}")
+    missing = data_start + tokens * k * dtype.itemsize - path.stat().st_size
+    if missing > 0:
+        raise UserError(f"trace {path}: truncated: its header promises {missing} bytes more than it holds")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+
+
+def load_trace(path: Path, spec: MoESpec) -> torch.Tensor:
+    """A recorded routing: an integer .npy array [T, k] of expert ids, validated against ``spec``."""
+    _check_npy_header(path)
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise UserError(f"trace {path}: not a readable .npy array ({_first_line(exc)})") from None
     if array.ndim != 2 or array.shape[0] == 0:
         raise UserError(f"trace {path}: expected a [T, k] array with T >= 1, got shape {list(array.shape)}")
     if not np.issubdtype(array.dtype, np.integer):

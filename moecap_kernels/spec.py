@@ -15,6 +15,7 @@ from typing import Any
 
 from moecap_kernels.dtypes import canonical_dtype, dtype_bytes
 from moecap_kernels.errors import UserError
+from moecap_kernels.limits import MAX_DIMENSION, MAX_EXPERTS, MAX_SHARED_EXPERTS
 
 ACTIVATIONS = ("silu", "gelu")
 SCORINGS = ("softmax", "sigmoid")
@@ -40,14 +41,20 @@ class MoESpec:
     source: str = ""
 
     def __post_init__(self) -> None:
-        for field in ("hidden_size", "intermediate_size", "num_experts", "top_k"):
+        for field, low, high in (
+            ("hidden_size", 1, MAX_DIMENSION),
+            ("intermediate_size", 1, MAX_DIMENSION),
+            ("num_experts", 1, MAX_EXPERTS),
+            ("top_k", 1, MAX_EXPERTS),
+            ("num_shared_experts", 0, MAX_SHARED_EXPERTS),
+            ("shared_intermediate_size", 0, MAX_DIMENSION),
+        ):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise UserError(f"{self.name}: {field} must be a positive integer, got {value!r}")
-        for field in ("num_shared_experts", "shared_intermediate_size"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise UserError(f"{self.name}: {field} must be a non-negative integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"{self.name}: {field} must be an integer, got {type(value).__name__}")
+            if not low <= value <= high:
+                shown = value if abs(value) < 10**12 else f"an integer of {value.bit_length()} bits"
+                raise UserError(f"{self.name}: {field} must be from {low} to {high}, got {shown}")
         if self.top_k > self.num_experts:
             raise UserError(f"{self.name}: top_k={self.top_k} exceeds num_experts={self.num_experts}")
         if self.num_shared_experts and not self.shared_intermediate_size:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from moecap_kernels import spec as spec_module
+from moecap_kernels.errors import UserError
 from moecap_kernels.spec import MoESpec, list_presets, load_preset
 from tests.helpers import spec_shape
 
@@ -77,3 +78,21 @@ def test_published_figures(expected: tuple) -> None:
 
 def test_lookup_is_case_insensitive() -> None:
     assert load_preset("  Mixtral-8x7B ") == load_preset("mixtral-8x7b")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("hidden_size", 10**400, "an integer of 1329 bits"),
+        ("hidden_size", 0, "from 1 to"),
+        ("num_experts", 10**6, "from 1 to 65536"),
+        ("num_shared_experts", -1, "from 0 to"),
+        ("intermediate_size", 64.0, "must be an integer"),
+        ("top_k", True, "must be an integer"),
+    ],
+)
+def test_spec_fields_are_bounded(field: str, value: object, message: str) -> None:
+    """A layer beyond any real model is bad input, not an overflow later on (sizes become floats)."""
+    fields = {"name": "x", "hidden_size": 64, "intermediate_size": 32, "num_experts": 8, "top_k": 2}
+    with pytest.raises(UserError, match=message):
+        MoESpec(**{**fields, field: value})

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moecap_kernels.errors import UserError
-from moecap_kernels.routing import load_trace, parse_routing, route, synthetic_ids
+from moecap_kernels.routing import check_routing, load_trace, parse_routing, route, synthetic_ids
 from moecap_kernels.spec import MoESpec
 
 
@@ -114,3 +114,34 @@ def test_trace_rejects_garbage_and_missing(tmp_path):
         load_trace(garbage, small_spec())
     with pytest.raises(UserError, match="no such file"):
         load_trace(tmp_path / "missing.npy", small_spec())
+
+
+def _header_only(path, shape, rows_written):
+    """An .npy file whose header claims ``shape`` while it holds ``rows_written`` rows."""
+    with path.open("wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, {"descr": "<i8", "fortran_order": False, "shape": shape})
+        handle.write(np.zeros((rows_written, shape[1]), dtype=np.int64).tobytes())
+    return path
+
+
+@pytest.mark.parametrize(
+    ("shape", "rows", "message"),
+    [((10**12, 2), 3, "beyond the limits"), ((100, 2), 10, "truncated"), ((4, 2, 2), 0, r"\[T, k\]")],
+)
+def test_trace_header_is_checked_before_any_data_is_read(tmp_path, shape, rows, message):
+    """np.load would allocate what the header claims: 10**12 rows is 16 TB."""
+    path = _header_only(tmp_path / "h.npy", shape, rows)
+    with pytest.raises(UserError, match=message):
+        load_trace(path, small_spec())
+
+
+def test_trace_npz_is_named_as_such(tmp_path):
+    np.savez(tmp_path / "t.npz", ids=np.zeros((2, 2), np.int64))
+    with pytest.raises(UserError, match="npz archive"):
+        load_trace(tmp_path / "t.npz", small_spec())
+
+
+def test_hot_routing_beyond_the_experts_is_refused_up_front():
+    with pytest.raises(UserError, match="hot:9"):
+        check_routing(parse_routing("hot:9"), small_spec())
+    check_routing(parse_routing("hot:2"), small_spec())
