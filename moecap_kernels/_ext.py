@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from moecap_kernels.files import cache_root
+
 LIB_NAMESPACE = "moecap"
 _LIB_NAME = "moecap_kernels_ext"
 CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
@@ -47,18 +49,6 @@ class _State:
 
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
-
-
-def cache_root() -> Path:
-    """The package's cache folder: extension builds (one per hash) and calibrations.
-
-    ``$MOECAP_CACHE_DIR``, else ``$XDG_CACHE_HOME/moecap_kernels``, else ``~/.cache/moecap_kernels``.
-    """
-    custom = os.environ.get("MOECAP_CACHE_DIR", "").strip()
-    if custom:
-        return Path(custom).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME")
-    return (Path(base).expanduser() if base else Path.home() / ".cache") / "moecap_kernels"
 
 
 def _sources(flavour: str) -> list[Path]:
