@@ -98,7 +98,7 @@ def _best_of(fn, reps: int) -> float:
 def ceiling_checks(calibration: hardware.Calibration, dtype: str) -> dict[str, Any]:
     """The calibration's figures beside plain large reductions, copies and a big matmul (CPU)."""
     n_bytes = 1 << 30
-    t = torch.rand(n_bytes // 4)  # random, never constant pages (see hardware._measure_bandwidth)
+    t = torch.rand(n_bytes // 4)  # random, never constant pages (see streaming.distinct_pages)
     t_dst = torch.empty_like(t)
     a = t.numpy().copy()
     a_dst = np.empty_like(a)

@@ -198,7 +198,7 @@ def resolve_peaks(
     known_gpu = info.kind == "cuda" and hardware.datasheet_entry(info.name) is not None
     calibration = None
     if args.calibrate or not (overridden or known_gpu):
-        if args.calibrate or hardware.load_cached_calibration(info) is None:
+        if args.calibrate or hardware.read_cache(info)[0] is None:
             console.print(
                 f"[dim]calibrating {info.name}: read bandwidth and {dtype} GEMM peak (cached)…[/dim]"
             )

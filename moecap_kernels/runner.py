@@ -5,6 +5,7 @@ Data flows one way: spec → routing → backend run (timed) + counters → metr
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,21 +94,38 @@ def estimate_memory_bytes(spec: MoESpec, tokens: int, check_accuracy: bool) -> i
     return spec.total_weight_bytes + activations + transient + reference
 
 
+def memory_needed(
+    spec: MoESpec, tokens: int, check_accuracy: bool, backends: tuple[str, ...] = ()
+) -> tuple[int, int]:
+    """(bytes one row needs in all, of which the backends' own copies), estimated without allocating."""
+    extra = sum(get_backend(name).extra_memory_bytes(spec, tokens) for name in backends)
+    return estimate_memory_bytes(spec, tokens, check_accuracy) + extra, extra
+
+
+def fits(need: int, info: DeviceInfo) -> bool:
+    """Whether ``need`` bytes leave a tenth of the device's free memory free."""
+    return need <= 0.9 * info.memory_available_bytes
+
+
 def check_fits(
     spec: MoESpec, tokens: int, info: DeviceInfo, check_accuracy: bool, backends: tuple[str, ...] = ()
 ) -> None:
     """Refuse, before allocating anything, a row that would not fit in the device's free memory."""
-    extra = sum(get_backend(name).extra_memory_bytes(spec, tokens) for name in backends)
-    need = estimate_memory_bytes(spec, tokens, check_accuracy) + extra
-    have = info.memory_available_bytes
-    if need > 0.9 * have:
+    need, extra = memory_needed(spec, tokens, check_accuracy, backends)
+    if not fits(need, info):
         raise UserError(
             f"{spec.name} at {tokens} tokens needs about {need / 2**30:.1f} GiB "
             f"(weights {spec.total_weight_bytes / 2**30:.1f} GiB"
             + (f", backends' own copies {extra / 2**30:.1f} GiB" if extra else "")
             + f") but {info.name} has "
-            f"{have / 2**30:.1f} GiB available; pick a smaller model, batch or dtype"
+            f"{info.memory_available_bytes / 2**30:.1f} GiB available; pick a smaller model, batch or dtype"
         )
+
+
+def check_request_fits(request: ProfileRequest, info: DeviceInfo) -> None:
+    """``check_fits`` for every scenario of ``request``."""
+    for scenario in request.scenarios:  # a trace's T is already in its scenario (see profile.py)
+        check_fits(request.spec, scenario.tokens, info, request.check_accuracy, request.backends)
 
 
 def forced_ids(choice: RoutingChoice, tokens: int, spec: MoESpec, seed: int) -> torch.Tensor | None:
@@ -240,16 +258,22 @@ def profile_row(
     backend_name: str,
     info: DeviceInfo,
     peaks: Peaks,
+    flusher: Callable[[], CacheFlusher] | None = None,
 ) -> RowResult:
-    """Time one backend on one scenario (warm-up, then reps), and derive its metrics."""
+    """Time one backend on one scenario (warm-up, then reps), and derive its metrics.
+
+    ``flusher`` gives the cache flush to run between repetitions when the row needs one (default:
+    a new one; ``run_profile`` makes one for all its rows, its buffer being up to 1 GiB).
+    """
     run = BackendRun(request, weights, row, backend_name)
     flush = needs_flush(request.spec, row, info)
+    make = flusher or (lambda: CacheFlusher(info.llc_bytes, request.device))
     timing = time_region(
         run,
         request.device,
         warmup=request.warmup,
         reps=request.reps,
-        between=CacheFlusher(info.llc_bytes, request.device) if flush else None,
+        between=make() if flush else None,
         after_warmup=run.reset_counts,
     )
     return run.finish(scenario, timing, info, peaks, flush)
@@ -263,14 +287,14 @@ def run_profile(
 ) -> list[RowResult]:
     """Every (scenario, backend) of ``request``, in order; ``on_row`` is called after each."""
     spec = request.spec
-    for scenario in request.scenarios:  # a trace's T is already in its scenario (see profile.py)
-        check_fits(spec, scenario.tokens, info, request.check_accuracy, request.backends)
+    check_request_fits(request, info)
     weights = random_weights(spec, request.device, seed=request.seed)
+    flusher = functools.cache(lambda: CacheFlusher(info.llc_bytes, request.device))  # made when first needed
     results = []
     for scenario in request.scenarios:
         row = Row(request, weights, scenario, scenario.tokens)
         for name in request.backends:
-            result = profile_row(request, weights, row, scenario, name, info, peaks)
+            result = profile_row(request, weights, row, scenario, name, info, peaks, flusher)
             results.append(result)
             on_row(result)
     return results

@@ -2,7 +2,7 @@
 
 On CUDA each repetition is bracketed by CUDA events and the host synchronises once, after the
 last one; on a CPU each repetition is timed with perf_counter. An optional ``between`` callable
-(a cache flush) runs before every repetition, outside the measured region.
+(a cache flush, which reads a buffer) runs before every repetition, outside the measured region.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from moecap_kernels.streaming import distinct_pages, read_pass, stream_bytes
 
 
 @dataclass(frozen=True)
@@ -146,10 +148,20 @@ class _CudaClock:
 
 
 class CacheFlusher:
-    """Evicts the last-level cache by writing a buffer twice its size (run between repetitions)."""
+    """Evicts the last-level cache between repetitions by reading a buffer twice its size.
+
+    It reads, never writes: a flush that wrote would leave its own dirty lines in the cache, to be
+    written back inside the next timed region. The buffer is bounded as every streamed buffer is
+    (``streaming.stream_bytes``).
+    """
 
     def __init__(self, llc_bytes: int, device: torch.device) -> None:
-        self._buffer = torch.empty(max(2 * llc_bytes, 1 << 20) // 4, dtype=torch.float32, device=device)
+        self._buffer = distinct_pages(stream_bytes(llc_bytes, 2), device)
+        self._read = read_pass(torch.device(device))
+
+    @property
+    def nbytes(self) -> int:
+        return self._buffer.numel() * self._buffer.element_size()
 
     def __call__(self) -> None:
-        self._buffer.fill_(1.0)
+        self._read(self._buffer)
