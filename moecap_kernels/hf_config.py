@@ -2,22 +2,41 @@
 
 Each supported family stores the MoE shape under different keys (Mixtral's ``num_local_experts``,
 DeepSeek's ``n_routed_experts``, DBRX's nested ``ffn_config``...). One small reader per family maps
-its layout onto the package vocabulary (H, F, E, k, S, F_s). Every failure is a one-line UserError
-that names the file, so a bad config never surfaces as a KeyError or a traceback.
+its layout onto the package vocabulary (H, F, E, k, S, F_s), and says for every field where it came
+from (the key, or the default taken when the key is absent), which ``--dry-run`` shows. Every failure
+is a one-line UserError that names the file, so a bad config never surfaces as a KeyError or a
+traceback.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from moecap_kernels.dtypes import canonical_dtype
 from moecap_kernels.errors import UserError
+from moecap_kernels.limits import MAX_SMALL_FILE_BYTES
 from moecap_kernels.spec import MoESpec
 
 Config = dict[str, Any]
+
+
+class Sourced(NamedTuple):
+    """A field's value and where it came from: a config key, or the default taken without one."""
+
+    value: Any
+    origin: str
+
+
+def fixed(value: Any, why: str) -> Sourced:
+    """A value the family's layout implies, with no key of its own."""
+    return Sourced(value, why)
+
+
+Fields = dict[str, Sourced]
 
 CONFIG_DTYPES = ("bfloat16", "float16", "float32")
 ACTIVATION_NAMES = {
@@ -57,58 +76,68 @@ class _Reader:
             raise self.fail(f"missing key {self.label(key)!r}")
         return self.config[key]
 
-    def integer(self, key: str, minimum: int = 1) -> int:
+    def integer(self, key: str, minimum: int = 1) -> Sourced:
         """A required integer key, at least ``minimum``."""
         value = self._lookup(key)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(f"key {self.label(key)!r} must be an integer, got {value!r}")
+            raise self.fail(f"key {self.label(key)!r} must be an integer, got {_short(value)}")
         if value < minimum:
             raise self.fail(f"key {self.label(key)!r} must be >= {minimum}, got {value}")
-        return value
+        return Sourced(value, self.label(key))
 
-    def first_integer(self, *keys: str) -> int:
+    def first_integer(self, *keys: str) -> Sourced:
         """The first of ``keys`` present (families renamed some keys across releases)."""
         for key in keys:
             if key in self.config:
                 return self.integer(key)
         raise self.fail(f"missing key {self.label(keys[0])!r}")
 
-    def optional_integer(self, key: str) -> int:
+    def optional_integer(self, key: str) -> Sourced:
         """A non-negative integer that may be absent or null (meaning 0)."""
         if self.config.get(key) is None:
-            return 0
+            return Sourced(0, f"{self.label(key)} (absent: 0)")
         return self.integer(key, minimum=0)
 
-    def expert_count(self, key: str) -> int:
+    def expert_count(self, key: str) -> Sourced:
         """The routed-expert count; null, 0 or 1 means the config describes a dense model."""
         value = self._lookup(key)
         if value is None or (type(value) is int and value in (0, 1)):
             raise self.fail(f"describes a dense (non-MoE) model: {self.label(key)}={value!r}")
         return self.integer(key)
 
-    def flag(self, key: str, default: bool) -> bool:
+    def flag(self, key: str, default: bool) -> Sourced:
         value = self.config.get(key)
         if value is None:
-            return default
+            return Sourced(default, f"{self.label(key)} (absent: {str(default).lower()})")
         if not isinstance(value, bool):
-            raise self.fail(f"key {self.label(key)!r} must be true or false, got {value!r}")
-        return value
+            raise self.fail(f"key {self.label(key)!r} must be true or false, got {_short(value)}")
+        return Sourced(value, self.label(key))
 
-    def choice(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
+    def choice(self, key: str, default: str, allowed: tuple[str, ...]) -> Sourced:
         value = self.config.get(key)
         if value is None:
-            return default
+            return Sourced(default, f"{self.label(key)} (absent: {default})")
         if value not in allowed:
-            raise self.fail(f"key {self.label(key)!r} must be one of {allowed}, got {value!r}")
-        return value
+            raise self.fail(f"key {self.label(key)!r} must be one of {allowed}, got {_short(value)}")
+        return Sourced(value, self.label(key))
 
-    def activation(self, key: str = "hidden_act", default: str = "silu") -> str:
+    def activation(self, key: str = "hidden_act", default: str = "silu") -> Sourced:
         value = self.config.get(key)
         if value is None:
-            return default
+            return Sourced(default, f"{self.label(key)} (absent: {default})")
         if not isinstance(value, str) or value.lower() not in ACTIVATION_NAMES:
-            raise self.fail(f"unsupported activation {self.label(key)}={value!r}; expected silu or gelu")
-        return ACTIVATION_NAMES[value.lower()]
+            raise self.fail(
+                f"unsupported activation {self.label(key)}={_short(value)}; expected silu or gelu"
+            )
+        return Sourced(ACTIVATION_NAMES[value.lower()], f"{self.label(key)} = {value!r}")
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` cut to a readable length (a config can hold anything, 10**400 included)."""
+    if isinstance(value, int) and abs(value) >= 10**30:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class _Section(_Reader):
@@ -122,10 +151,10 @@ class _Section(_Reader):
         return f"{self.prefix}.{key}"
 
 
-# --- one reader per family: each returns the MoESpec fields its layout defines -------------------
+# --- one reader per family: each returns the MoESpec fields its layout defines, with their origins ---
 
 
-def _mixtral(cfg: _Reader) -> Config:
+def _mixtral(cfg: _Reader) -> Fields:
     """Mixtral: softmax over all experts, then renormalise over the selected top-k."""
     return {
         "hidden_size": cfg.integer("hidden_size"),
@@ -133,11 +162,11 @@ def _mixtral(cfg: _Reader) -> Config:
         "num_experts": cfg.expert_count("num_local_experts"),
         "top_k": cfg.integer("num_experts_per_tok"),
         "activation": cfg.activation(),
-        "renormalize": True,
+        "renormalize": fixed(True, "Mixtral renormalises over the top-k"),
     }
 
 
-def _qwen_moe(cfg: _Reader, shared: bool) -> Config:
+def _qwen_moe(cfg: _Reader, shared: bool) -> Fields:
     """Qwen1.5/Qwen2 MoE (one shared expert of its own width) and Qwen3 MoE (none)."""
     fields = {
         "hidden_size": cfg.integer("hidden_size"),
@@ -147,47 +176,51 @@ def _qwen_moe(cfg: _Reader, shared: bool) -> Config:
         "activation": cfg.activation(),
         "renormalize": cfg.flag("norm_topk_prob", default=False),
     }
-    shared_size = cfg.integer("shared_expert_intermediate_size", minimum=0) if shared else 0
-    fields["num_shared_experts"] = 1 if shared_size else 0
-    fields["shared_intermediate_size"] = shared_size
+    if not shared:
+        return fields
+    width = cfg.integer("shared_expert_intermediate_size", minimum=0)
+    fields["num_shared_experts"] = fixed(int(width.value > 0), f"{width.origin} > 0: one shared expert")
+    fields["shared_intermediate_size"] = width
     return fields
 
 
-def _deepseek(cfg: _Reader, default_scoring: str, default_renormalize: bool) -> Config:
+def _deepseek(cfg: _Reader, default_scoring: str, default_renormalize: bool) -> Fields:
     """DeepSeek-V2/V3 (and Kimi-K2): S shared experts, each as wide as a routed one."""
     width = cfg.integer("moe_intermediate_size")
     shared = cfg.optional_integer("n_shared_experts")
+    shared_width = width.value if shared.value else 0
     return {
         "hidden_size": cfg.integer("hidden_size"),
         "intermediate_size": width,
         "num_experts": cfg.expert_count("n_routed_experts"),
         "top_k": cfg.integer("num_experts_per_tok"),
         "num_shared_experts": shared,
-        "shared_intermediate_size": width if shared else 0,
+        "shared_intermediate_size": fixed(shared_width, f"{width.origin} (shared experts are as wide)"),
         "activation": cfg.activation(),
         "router_scoring": cfg.choice("scoring_func", default_scoring, ("softmax", "sigmoid")),
         "renormalize": cfg.flag("norm_topk_prob", default=default_renormalize),
     }
 
 
-def _dbrx(cfg: _Reader) -> Config:
+def _dbrx(cfg: _Reader) -> Fields:
     """DBRX: shape split between top-level ``d_model`` and the nested ``ffn_config``; GLU experts."""
     ffn = cfg.section("ffn_config")
     act = ffn.config.get("ffn_act_fn") or {}
     if not isinstance(act, dict):
-        raise cfg.fail(f"key 'ffn_config.ffn_act_fn' must be an object, got {act!r}")
+        raise cfg.fail(f"key 'ffn_config.ffn_act_fn' must be an object, got {_short(act)}")
+    # DBRX normalises the top-k weights unless moe_normalize_expert_weights is explicitly null.
+    normalise = ffn.config.get("moe_normalize_expert_weights", 1) is not None
     return {
         "hidden_size": cfg.integer("d_model"),
         "intermediate_size": ffn.integer("ffn_hidden_size"),
         "num_experts": ffn.expert_count("moe_num_experts"),
         "top_k": ffn.integer("moe_top_k"),
         "activation": _Section(ffn, "ffn_act_fn", act).activation("name"),
-        # DBRX normalises the top-k weights unless moe_normalize_expert_weights is explicitly null.
-        "renormalize": ffn.config.get("moe_normalize_expert_weights", 1) is not None,
+        "renormalize": fixed(normalise, f"{ffn.label('moe_normalize_expert_weights')} (null: off)"),
     }
 
 
-def _olmoe(cfg: _Reader) -> Config:
+def _olmoe(cfg: _Reader) -> Fields:
     """OLMoE: Mixtral-like keys but ``num_experts`` and an explicit ``norm_topk_prob``."""
     return {
         "hidden_size": cfg.integer("hidden_size"),
@@ -199,7 +232,7 @@ def _olmoe(cfg: _Reader) -> Config:
     }
 
 
-def _gpt_oss(cfg: _Reader) -> Config:
+def _gpt_oss(cfg: _Reader) -> Fields:
     """gpt-oss, modelled as a gated silu expert without biases (the real one is a clamped SwiGLU)."""
     experts_key = "num_local_experts" if "num_local_experts" in cfg.config else "num_experts"
     return {
@@ -207,12 +240,12 @@ def _gpt_oss(cfg: _Reader) -> Config:
         "intermediate_size": cfg.integer("intermediate_size"),
         "num_experts": cfg.expert_count(experts_key),
         "top_k": cfg.first_integer("num_experts_per_tok", "experts_per_token"),
-        "activation": "silu",
-        "renormalize": True,
+        "activation": fixed("silu", "gpt-oss modelled as a silu-gated expert"),
+        "renormalize": fixed(True, "gpt-oss renormalises over the top-k"),
     }
 
 
-FAMILIES: dict[str, Callable[[_Reader], Config]] = {
+FAMILIES: dict[str, Callable[[_Reader], Fields]] = {
     "mixtral": _mixtral,
     "qwen2_moe": lambda cfg: _qwen_moe(cfg, shared=True),
     "qwen3_moe": lambda cfg: _qwen_moe(cfg, shared=False),
@@ -246,6 +279,8 @@ def _config_file(path: str | Path) -> Path:
 
 def _load_json(path: Path) -> Config:
     try:
+        if path.stat().st_size > MAX_SMALL_FILE_BYTES:
+            raise UserError(f"{path}: {path.stat().st_size} bytes is too big for a config.json")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
@@ -284,30 +319,33 @@ def _family(cfg: _Reader) -> str:
     raise cfg.fail(f"unsupported model_type {shown}; supported: {', '.join(FAMILIES)}")
 
 
-def _dtype(cfg: _Reader, requested: str | None) -> str:
+def _dtype(cfg: _Reader, requested: str | None) -> Sourced:
     """The requested dtype, else the config's own when it is one we run, else bfloat16."""
     if requested is not None:
         try:
-            return canonical_dtype(requested)
+            return Sourced(canonical_dtype(requested), "--dtype")
         except UserError as exc:
             raise cfg.fail(str(exc)) from None
     for key in ("torch_dtype", "dtype"):
         value = cfg.config.get(key)
         if value in CONFIG_DTYPES:
-            return value
-    return "bfloat16"
+            return Sourced(value, key)
+    found = cfg.config.get("torch_dtype", cfg.config.get("dtype"))
+    why = f" (the config's {_short(found)} is not run)" if found else ""
+    return Sourced("bfloat16", "default bfloat16" + why)
 
 
-def _name(cfg: _Reader) -> str:
+def _name(cfg: _Reader) -> Sourced:
     """``_name_or_path`` when the config records one, else the folder holding the file."""
     recorded = cfg.config.get("_name_or_path")
     if isinstance(recorded, str) and recorded.strip():
-        return " ".join(recorded.split())
-    return cfg.path.resolve().parent.name or cfg.path.stem
+        return Sourced(" ".join(recorded.split()), "_name_or_path")
+    return Sourced(cfg.path.resolve().parent.name or cfg.path.stem, "the folder's name")
 
 
-def spec_from_hf_config(path: str | Path, dtype: str | None = None) -> MoESpec:
-    """The MoE layer described by a local Hugging Face ``config.json`` (or a folder holding one).
+def read_hf_config(path: str | Path, dtype: str | None = None) -> tuple[MoESpec, dict[str, str]]:
+    """The MoE layer described by a local Hugging Face ``config.json`` (or a folder holding one),
+    and for every MoESpec field where it came from: a key of the file, a default, or ``--dtype``.
 
     ``dtype`` overrides the weight/activation dtype; otherwise the config's ``torch_dtype`` is used
     when it is bfloat16, float16 or float32, and bfloat16 when it is anything else or absent.
@@ -316,15 +354,24 @@ def spec_from_hf_config(path: str | Path, dtype: str | None = None) -> MoESpec:
     file = _config_file(path)
     cfg = _Reader(file, _load_json(file))
     family = _family(cfg)
-    fields = FAMILIES[family](cfg)
     chosen = _dtype(cfg, dtype)
+    fields: Fields = {
+        "name": _name(cfg),
+        **FAMILIES[family](cfg),
+        "weight_dtype": chosen,
+        "act_dtype": chosen,
+        "source": Sourced(f"{file} (model_type {family})", "this file"),
+    }
     try:
-        return MoESpec(
-            name=_name(cfg),
-            weight_dtype=chosen,
-            act_dtype=chosen,
-            source=f"{file} (model_type {family})",
-            **fields,
-        )
+        spec = MoESpec(**{name: sourced.value for name, sourced in fields.items()})
     except UserError as exc:
         raise cfg.fail(str(exc)) from None
+    origins = {
+        f.name: fields[f.name].origin if f.name in fields else "default" for f in dataclasses.fields(spec)
+    }
+    return spec, origins
+
+
+def spec_from_hf_config(path: str | Path, dtype: str | None = None) -> MoESpec:
+    """``read_hf_config`` without the origins."""
+    return read_hf_config(path, dtype)[0]

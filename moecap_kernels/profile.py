@@ -1,7 +1,11 @@
 """The command line: ``python -m moecap_kernels.profile``.
 
-Bad input (an unknown model, a malformed file, an impossible shape, a layer too big for the
-device) ends with one line on stderr and exit code 2.
+Exit codes (``exits``): 0 done; 2 bad input (an unknown model, a malformed file, an impossible shape
+or flag, a layer too big for the device), with one line on stderr; 130 Ctrl-C, at any moment, with
+``moecap: interrupted``; 1 a bug in this package, with one line (``MOECAP_TRACEBACK=1`` shows the
+traceback). The arguments, the output paths and the cache folder are checked before torch is
+imported and before any row runs; ``--dry-run`` stops once everything is resolved, before the layer
+is allocated.
 """
 
 from __future__ import annotations
@@ -10,27 +14,30 @@ import argparse
 import re
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-from moecap_kernels import hardware
-from moecap_kernels._ext import extension_status
-from moecap_kernels.backends import backend_names, get_backend
-from moecap_kernels.dtypes import canonical_dtype, torch_dtype
+from moecap_kernels import limits
 from moecap_kernels.errors import UserError
-from moecap_kernels.report import print_report, to_csv, to_json, write_atomic
-from moecap_kernels.routing import load_trace, parse_routing
-from moecap_kernels.runner import ProfileRequest, Scenario, run_profile
-from moecap_kernels.spec import MoESpec, list_presets, load_preset
+from moecap_kernels.exits import Interrupt, run_cli
+from moecap_kernels.files import check_cache_root, check_writable, write_all_atomic
+
+if TYPE_CHECKING:  # imported at run time only once the arguments are known to be good
+    import torch
+    from rich.console import Console
+
+    from moecap_kernels import hardware
+    from moecap_kernels.runner import Scenario
+    from moecap_kernels.spec import MoESpec
 
 DEFAULT_MODEL = "qwen3-30b-a3b"
-DEFAULT_BATCHES = {"decode": "1,8,64", "prefill": "1"}
+DEFAULT_BATCHES = {"decode": [1, 8, 64], "prefill": [1]}
 DEFAULT_SEQ_LEN = 512
 DEFAULT_REPS = {"cpu": (2, 15), "cuda": (10, 100)}  # (warm-up, repetitions)
 SI = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15}
+
+
+# --- stage 1: the arguments, without torch ------------------------------------------------------
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,35 +45,59 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def parse_rate(text: str) -> float:
-    """``45e9``, ``45G``, ``3.35T`` or ``3.35 TB/s`` → a positive float (units per second)."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMgGtTpP]?)\S*\s*", text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a rate: {text!r} (try 3.35e12 or 3.35T)")
-    value = float(match[1]) * SI[match[2].lower()]
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"a peak must be positive, got {text!r}")
-    return value
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:37] + "...")
 
 
-def parse_int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+def text_arg(text: str) -> str:
+    """Any non-empty string (an empty --model would silently mean the default one)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a value, got an empty string")
+    return text
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
+def integer(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from ``low`` to ``high``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {_shown(text)}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {high}, got {_shown(text)}")
+        return value
+
+    return parse
+
+
+def integer_list(low: int, high: int) -> Callable[[str], list[int]]:
+    """An argparse type: comma-separated integers, each from ``low`` to ``high``."""
+    one = integer(low, high)
+
+    def parse(text: str) -> list[int]:
+        values = [one(v) for v in text.split(",") if v.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {_shown(text)}")
+        return values
+
+    return parse
+
+
+def rate(bounds: tuple[float, float], unit: str) -> Callable[[str], float]:
+    """An argparse type: ``45e9``, ``45G``, ``3.35T`` or ``3.35 TB/s``, within plausible ``bounds``."""
+
+    def parse(text: str) -> float:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMgGtTpP]?)\S*\s*", text)
+        if not match:
+            raise argparse.ArgumentTypeError(f"not a rate: {_shown(text)} (try 3.35e12 or 3.35T)")
+        value = float(match[1]) * SI[match[2].lower()]
+        problem = limits.implausible("a peak of", value, bounds, unit)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,33 +106,49 @@ def build_parser() -> argparse.ArgumentParser:
         description="Profile one MoE layer: exact expert activation counts, S-MBU and S-MFU.",
     )
     src = p.add_argument_group("layer")
-    src.add_argument("--model", help=f"a shipped preset (see --list-models); default {DEFAULT_MODEL}")
-    src.add_argument("--config", help="a local Hugging Face config.json to read the layer shape from")
+    src.add_argument(
+        "--model", type=text_arg, help=f"a shipped preset (--list-models); default {DEFAULT_MODEL}"
+    )
+    src.add_argument("--config", type=text_arg, help="a local Hugging Face config.json (or its folder)")
     src.add_argument("--list-models", action="store_true", help="list the shipped presets and exit")
-    src.add_argument("--dtype", help="bfloat16 | float16 | float32 (default: the model's, bfloat16)")
+    src.add_argument("--dtype", type=text_arg, help="bfloat16 | float16 | float32 (default: the model's)")
     run = p.add_argument_group("scenario")
     run.add_argument("--phase", choices=("decode", "prefill"), default="decode")
-    run.add_argument("--batch", type=parse_int_list, help="comma list; decode default 1,8,64, prefill 1")
     run.add_argument(
-        "--seq-len", type=non_negative_int, help=f"prefill tokens per sequence (default {DEFAULT_SEQ_LEN})"
+        "--batch",
+        type=integer_list(1, limits.MAX_TOKENS),
+        help="comma list; decode default 1,8,64, prefill 1",
+    )
+    run.add_argument(
+        "--seq-len",
+        type=integer(1, limits.MAX_TOKENS),
+        help=f"prefill tokens per sequence (default {DEFAULT_SEQ_LEN})",
     )
     run.add_argument(
         "--routing",
+        type=text_arg,
         default="router",
         help="router | uniform | zipf:ALPHA | dirichlet:ALPHA | hot:N | trace:PATH.npy",
     )
-    run.add_argument("--seed", type=non_negative_int, default=0)
+    run.add_argument("--seed", type=integer(0, limits.MAX_SEED), default=0)
     how = p.add_argument_group("execution")
-    how.add_argument(
-        "--backend", default="all", help=f"comma list of backends, or all ({', '.join(backend_names())})"
-    )
+    how.add_argument("--backend", type=text_arg, default="all", help="comma list of backends, or all")
     how.add_argument(
         "--list-backends", action="store_true", help="list backends and where they run, and exit"
     )
-    how.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    how.add_argument("--warmup", type=non_negative_int, help="untimed runs first (default cpu 2, cuda 10)")
-    how.add_argument("--reps", type=non_negative_int, help="timed repetitions (default cpu 15, cuda 100)")
+    how.add_argument("--device", type=text_arg, default="auto", help="auto | cpu | cuda | cuda:N")
+    how.add_argument(
+        "--warmup", type=integer(0, limits.MAX_WARMUP), help="untimed runs first (default cpu 2, cuda 10)"
+    )
+    how.add_argument(
+        "--reps", type=integer(1, limits.MAX_REPS), help="timed repetitions (default cpu 15, cuda 100)"
+    )
     how.add_argument("--no-accuracy", action="store_true", help="skip the float64 reference check")
+    how.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved layer, scenarios, backends, peaks and memory, then exit",
+    )
     peaks = p.add_argument_group("peaks (denominators)")
     peaks.add_argument(
         "--list-devices", action="store_true", help="print the datasheet table of peaks and exit"
@@ -109,17 +156,49 @@ def build_parser() -> argparse.ArgumentParser:
     peaks.add_argument(
         "--calibrate",
         action="store_true",
-        help="measure this machine's bandwidth and GEMM peak (cached) and use them",
+        help="measure this machine's bandwidth and GEMM peak now (cached when stable) and use them",
     )
-    peaks.add_argument("--peak-bandwidth", type=parse_rate, help="bytes/s, e.g. 4.8e12 or 4.8T")
-    peaks.add_argument("--peak-flops", type=parse_rate, help="FLOP/s of the compute dtype, e.g. 989e12")
+    peaks.add_argument(
+        "--peak-bandwidth", type=rate(limits.PLAUSIBLE_BANDWIDTH, "B/s"), help="bytes/s, e.g. 4.8e12 or 4.8T"
+    )
+    peaks.add_argument(
+        "--peak-flops",
+        type=rate(limits.PLAUSIBLE_FLOPS, "FLOP/s"),
+        help="FLOP/s of the compute dtype, e.g. 989T",
+    )
     out = p.add_argument_group("output")
     out.add_argument("--json", help="write results as JSON (atomically)")
     out.add_argument("--csv", help="write results as CSV (atomically)")
     return p
 
 
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The arguments, every check that needs no torch done: bounds, combinations, output paths."""
+    args = build_parser().parse_args(argv)
+    if args.model and args.config:
+        raise UserError("give --model or --config, not both")
+    if args.phase == "decode" and args.seq_len is not None:
+        raise UserError("--seq-len applies to --phase prefill only")
+    if args.phase == "prefill":
+        tokens = max(args.batch or [1]) * (args.seq_len or DEFAULT_SEQ_LEN)
+        if tokens > limits.MAX_TOKENS:
+            raise UserError(
+                f"batch × seq-len = {tokens} tokens per forward; the limit is {limits.MAX_TOKENS}"
+            )
+    given = {"--json": args.json, "--csv": args.csv}
+    outputs = [check_writable(path, flag) for flag, path in given.items() if path is not None]
+    if len({p.resolve() for p in outputs}) < len(outputs):
+        raise UserError("--json and --csv name the same file")
+    check_cache_root()
+    return args
+
+
+# --- stage 2: resolving the run ----------------------------------------------------------------
+
+
 def resolve_device(text: str) -> torch.device:
+    import torch
+
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -139,33 +218,42 @@ def resolve_device(text: str) -> torch.device:
     return device
 
 
-def resolve_spec(args: argparse.Namespace) -> MoESpec:
-    if args.model and args.config:
-        raise UserError("give --model or --config, not both")
-    if args.config:
-        from moecap_kernels.hf_config import spec_from_hf_config
+def resolve_spec(args: argparse.Namespace) -> tuple[MoESpec, dict[str, str]]:
+    """The layer, and for each of its fields where it came from."""
+    from dataclasses import fields
 
-        spec = spec_from_hf_config(args.config)
-    else:
-        spec = load_preset(args.model or DEFAULT_MODEL)
-    return spec.with_dtype(args.dtype) if args.dtype else spec
+    from moecap_kernels.dtypes import canonical_dtype
+    from moecap_kernels.hf_config import read_hf_config
+    from moecap_kernels.spec import load_preset
+
+    dtype = canonical_dtype(args.dtype) if args.dtype is not None else None
+    if args.config:
+        return read_hf_config(args.config, dtype)
+    name = args.model or DEFAULT_MODEL
+    spec = load_preset(name)
+    origins = {f.name: f"preset {name}" for f in fields(spec)}
+    if dtype is None:
+        return spec, origins
+    return spec.with_dtype(dtype), {**origins, "weight_dtype": "--dtype", "act_dtype": "--dtype"}
 
 
 def resolve_scenarios(args: argparse.Namespace, spec: MoESpec) -> tuple[Scenario, ...]:
+    from moecap_kernels.routing import check_routing, load_trace, parse_routing
+    from moecap_kernels.runner import Scenario
+
     choice = parse_routing(args.routing)
-    if args.phase == "decode" and args.seq_len is not None:
-        raise UserError("--seq-len applies to --phase prefill only")
-    if args.seq_len == 0:
-        raise UserError("--seq-len must be positive")
+    check_routing(choice, spec)
     if choice.kind == "trace":
         return (trace_scenario(args, int(load_trace(choice.path, spec).shape[0])),)
-    batches = args.batch or parse_int_list(DEFAULT_BATCHES[args.phase])
+    batches = args.batch or DEFAULT_BATCHES[args.phase]
     seq_len = args.seq_len or DEFAULT_SEQ_LEN
     return tuple(Scenario(args.phase, b, seq_len if args.phase == "prefill" else 1) for b in batches)
 
 
 def trace_scenario(args: argparse.Namespace, tokens: int) -> Scenario:
     """A trace fixes T; --batch / --seq-len may restate it but never contradict it."""
+    from moecap_kernels.runner import Scenario
+
     batches = args.batch or [tokens if args.phase == "decode" else 1]
     batch = batches[0]
     seq_len = 1 if args.phase == "decode" else (args.seq_len or max(tokens // batch, 1))
@@ -176,33 +264,43 @@ def trace_scenario(args: argparse.Namespace, tokens: int) -> Scenario:
     return Scenario(args.phase, batch, seq_len)
 
 
-def resolve_backends(text: str, device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
+def resolve_backends(
+    text: str, device: torch.device, dtype: torch.dtype
+) -> tuple[tuple[str, ...], dict[str, str]]:
+    """(the backends that will run, {backend left out of "all": why})."""
+    from moecap_kernels.backends import backend_names, get_backend
+
     names = backend_names() if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise UserError("--backend needs at least one name")
-    chosen = []
+    chosen, skipped = [], {}
     for name in dict.fromkeys(names):
         why_not = get_backend(name).availability(device, dtype)
         if why_not is None:
             chosen.append(name)
-        elif text.strip() != "all":
+        elif text.strip() == "all":
+            skipped[name] = why_not
+        else:
             raise UserError(f"backend {name!r} cannot run here: {why_not}")
-    return tuple(chosen)
+    if not chosen:
+        raise UserError(f"no backend can run on {device} with {dtype}")
+    return tuple(chosen), skipped
 
 
-def resolve_peaks(
-    args: argparse.Namespace, device: torch.device, info: hardware.DeviceInfo, dtype: str, console: Console
-) -> hardware.Peaks:
-    """Datasheet (known GPU), measured (CPU, unknown GPU, --calibrate), or given (--peak-*)."""
+def _calibration_wanted(args: argparse.Namespace, info: hardware.DeviceInfo) -> bool:
+    """Whether a measured figure may divide: --calibrate, or a figure neither given nor in a datasheet."""
+    from moecap_kernels import hardware
+
     overridden = args.peak_bandwidth is not None and args.peak_flops is not None
     known_gpu = info.kind == "cuda" and hardware.datasheet_entry(info.name) is not None
-    calibration = None
-    if args.calibrate or not (overridden or known_gpu):
-        if args.calibrate or hardware.read_cache(info)[0] is None:
-            console.print(
-                f"[dim]calibrating {info.name}: read bandwidth and {dtype} GEMM peak (cached)…[/dim]"
-            )
-        calibration = hardware.calibrate(device, [dtype], force=args.calibrate)
+    return args.calibrate or not (overridden or known_gpu)
+
+
+def _peaks(
+    args: argparse.Namespace, info: hardware.DeviceInfo, dtype: str, calibration: hardware.Calibration | None
+) -> hardware.Peaks:
+    from moecap_kernels import hardware
+
     return hardware.resolve_peaks(
         info,
         dtype,
@@ -213,8 +311,42 @@ def resolve_peaks(
     )
 
 
+def resolve_peaks(
+    args: argparse.Namespace,
+    device: torch.device,
+    info: hardware.DeviceInfo,
+    dtype: str,
+    say: Callable[[str], None],
+) -> hardware.Peaks:
+    """Datasheet (known GPU), measured (CPU, unknown GPU, --calibrate), or given (--peak-*)."""
+    from moecap_kernels import hardware
+
+    calibration = None
+    if _calibration_wanted(args, info):
+        calibration = hardware.calibrate(device, [dtype], force=args.calibrate, announce=say)
+    return _peaks(args, info, dtype, calibration)
+
+
+def planned_peaks(
+    args: argparse.Namespace, info: hardware.DeviceInfo, dtype: str
+) -> tuple[hardware.Peaks | None, str]:
+    """What ``resolve_peaks`` would use, without measuring: (peaks, "") or (None, what it would do)."""
+    from moecap_kernels import hardware
+
+    calibration = None
+    if _calibration_wanted(args, info):
+        if args.calibrate:
+            return None, "measured at the start of the run (--calibrate)"
+        calibration, why = hardware.cached_calibration(info, [dtype])
+        if calibration is None:
+            return None, f"measured at the start of the run ({why})"
+    return _peaks(args, info, dtype, calibration), ""
+
+
 def list_models(console: Console) -> None:
     from rich.table import Table
+
+    from moecap_kernels.spec import list_presets, load_preset
 
     table = Table(title="shipped presets")
     for col in ("model", "H", "F", "E", "k", "shared", "scoring", "params/layer", "source"):
@@ -237,6 +369,10 @@ def list_models(console: Console) -> None:
 
 
 def list_backends(console: Console, device: torch.device) -> None:
+    import torch
+
+    from moecap_kernels.backends import backend_names, get_backend
+
     for name in backend_names():
         backend = get_backend(name)
         why_not = backend.availability(device, torch.bfloat16)
@@ -244,32 +380,53 @@ def list_backends(console: Console, device: torch.device) -> None:
         console.print(f"[bold]{name}[/bold]  {backend.description}  [dim]({device.type}: {where})[/dim]")
 
 
-def run(argv: Sequence[str] | None, console: Console) -> int:
-    args = build_parser().parse_args(argv)
+def _console() -> Console:
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=180)  # piped: rows stay on one line
+
+
+def _import_stage_two() -> None:
+    """Everything ``run`` uses, imported up front while Ctrl-C is held back (``_Interrupt.deferred``)."""
+    import importlib
+
+    for name in ("torch", "rich.console", "rich.progress", "rich.table", "moecap_kernels.dry_run"):
+        importlib.import_module(name)
+    from moecap_kernels.backends import backend_names
+
+    backend_names()  # imports every backend's module
+
+
+def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    with Interrupt.deferred():
+        _import_stage_two()
+    console = _console()
     if args.list_models:
         list_models(console)
         return 0
     if args.list_devices:
-        console.print(hardware.format_datasheet(), markup=False, highlight=False)
+        from moecap_kernels.hardware import format_datasheet
+
+        console.print(format_datasheet(), markup=False, highlight=False)
         return 0
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from moecap_kernels import hardware
+    from moecap_kernels._ext import extension_status
+    from moecap_kernels.dtypes import torch_dtype
+    from moecap_kernels.report import print_report, to_csv, to_json
+    from moecap_kernels.routing import parse_routing
+    from moecap_kernels.runner import ProfileRequest, check_request_fits, run_profile
+
     device = resolve_device(args.device)
     if args.list_backends:
         list_backends(console, device)
         return 0
-    if args.dtype:
-        canonical_dtype(args.dtype)
-    spec = resolve_spec(args)
+    spec, origins = resolve_spec(args)
     scenarios = resolve_scenarios(args, spec)
-    backends = resolve_backends(args.backend, device, torch_dtype(spec.act_dtype))
-    if not backends:
-        raise UserError(f"no backend can run on {device} with {spec.act_dtype}")
+    backends, skipped = resolve_backends(args.backend, device, torch_dtype(spec.act_dtype))
     warmup_default, reps_default = DEFAULT_REPS[device.type]
-    warmup = warmup_default if args.warmup is None else args.warmup
-    reps = reps_default if args.reps is None else args.reps
-    if reps < 1:
-        raise UserError("--reps must be at least 1")
-    info = hardware.detect_device(device)
-    peaks = resolve_peaks(args, device, info, spec.act_dtype, console)
     request = ProfileRequest(
         spec=spec,
         scenarios=scenarios,
@@ -277,55 +434,56 @@ def run(argv: Sequence[str] | None, console: Console) -> int:
         routing=parse_routing(args.routing),
         device=device,
         seed=args.seed,
-        warmup=warmup,
-        reps=reps,
+        warmup=warmup_default if args.warmup is None else args.warmup,
+        reps=reps_default if args.reps is None else args.reps,
         check_accuracy=not args.no_accuracy,
     )
+    info = hardware.detect_device(device)
+    if args.dry_run:
+        from moecap_kernels.dry_run import print_plan
+
+        peaks, pending = planned_peaks(args, info, spec.act_dtype)
+        outputs = [path for path in (args.json, args.csv) if path]
+        print_plan(console, request, origins, skipped, info, peaks, pending, outputs)
+        return 0
+    check_request_fits(request, info)
+    peaks = resolve_peaks(args, device, info, spec.act_dtype, say=_dim_line(console))
+    Interrupt.check()
     console.print(
-        f"[dim]{spec.name}: {spec.total_weight_bytes / 1e9:.2f} GB of weights in {spec.weight_dtype}; "
-        f"counting via {extension_status()}[/dim]"
+        f"{spec.name}: {spec.total_weight_bytes / 1e9:.2f} GB of weights in {spec.weight_dtype}; "
+        f"counting via {extension_status()}",
+        style="dim",
+        markup=False,
     )
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("profiling", total=len(scenarios) * len(backends))
 
         def advance(row: object) -> None:
+            Interrupt.check()
             progress.advance(task)
 
         rows = run_profile(request, info, peaks, on_row=advance)
     print_report(rows, console)
     command = "python -m moecap_kernels.profile " + shlex.join(sys.argv[1:] if argv is None else list(argv))
-    if args.json:
-        write_atomic(args.json, to_json(rows, command))
+    files = {args.json: to_json(rows, command)} if args.json else {}
     if args.csv:
-        write_atomic(args.csv, to_csv(rows))
+        files[args.csv] = to_csv(rows)
+    write_all_atomic(files)
     return 0
 
 
+def _dim_line(console: Console) -> Callable[[str], None]:
+    def say(line: str) -> None:
+        Interrupt.check()
+        console.print(line, style="dim", markup=False)
+
+    return say
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    console = Console()
-    if not console.is_terminal:  # piped or captured: keep the table's rows on one line each
-        console = Console(width=180)
-    try:
-        return run(argv, console)
-    except UserError as exc:
-        print(f"moecap: error: {exc}", file=sys.stderr)
-        return 2
-    except torch.OutOfMemoryError as exc:
-        print(f"moecap: error: out of device memory: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # unwritable --json/--csv path, unreadable config
-        print(f"moecap: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("moecap: interrupted", file=sys.stderr)
-        return 130
+    """The CLI's exit code (see the module docstring); ``exits.run_cli`` turns failures into one line."""
+    return run_cli(lambda: run(parse_args(argv), argv))
 
 
 if __name__ == "__main__":

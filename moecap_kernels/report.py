@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,6 +51,9 @@ def record(row: RowResult) -> dict[str, Any]:
             "source": peaks.source,
             "bandwidth_source": peaks.bandwidth_source,
             "flops_source": peaks.flops_source,
+            "bandwidth_spread": peaks.bandwidth_spread,
+            "flops_spread": peaks.flops_spread,
+            "caveat": peaks.caveat or None,
         },
         "s_mbu": util.s_mbu,
         "s_mfu": util.s_mfu,
@@ -67,19 +71,45 @@ def record(row: RowResult) -> dict[str, Any]:
 
 
 def document(rows: Sequence[RowResult], command: str) -> dict[str, Any]:
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "tool": f"moecap_kernels {__version__}",
-        "command": command,
-        "results": [record(r) for r in rows],
-    }
+    """The JSON document; strict JSON: a non-finite number becomes null, named under ``nulls``."""
+    doc, nulls = _finite(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "tool": f"moecap_kernels {__version__}",
+            "command": command,
+            "results": [record(r) for r in rows],
+        },
+        "",
+    )
+    return {**doc, "nulls": nulls} if nulls else doc
+
+
+def _finite(value: Any, path: str) -> tuple[Any, dict[str, str]]:
+    """``value`` with every NaN or infinity replaced by None, and {dotted path: what it was}."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, {path: f"{value} (not a finite number)"}
+    nulls: dict[str, str] = {}
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            out[key], found = _finite(item, f"{path}.{key}" if path else key)
+            nulls.update(found)
+        return out, nulls
+    if isinstance(value, list):
+        items = []
+        for i, item in enumerate(value):
+            clean, found = _finite(item, f"{path}[{i}]")
+            items.append(clean)
+            nulls.update(found)
+        return items, nulls
+    return value, nulls
 
 
 # --- files ---------------------------------------------------------------------------------
 
 
 def to_json(rows: Sequence[RowResult], command: str) -> str:
-    return json.dumps(document(rows, command), indent=2) + "\n"
+    return json.dumps(document(rows, command), indent=2, allow_nan=False) + "\n"
 
 
 CSV_COLUMNS = (
@@ -226,6 +256,10 @@ def results_table(rows: Sequence[RowResult]) -> Table:
     return table
 
 
+def _trials(spread: float | None) -> str:
+    return "" if spread is None else f"; trials within {spread:.1%}"
+
+
 def denominators_note(rows: Sequence[RowResult]) -> str:
     """What the ratios are ratios of: the peaks used, with their sources, and cache handling."""
     p = rows[0].peaks
@@ -238,8 +272,10 @@ def denominators_note(rows: Sequence[RowResult]) -> str:
         else "cache flushed between repetitions where the working set is below 4× the last-level cache"
     )
     return (
-        f"S-MBU, MBU: ÷ {human_bytes(p.bandwidth_bytes_per_s)}/s ({p.bandwidth_source}).  "
-        f"S-MFU, MFU: ÷ {human_flops(p.flops_per_s)}/s {p.dtype} ({p.flops_source}).  "
+        f"S-MBU, MBU: ÷ {human_bytes(p.bandwidth_bytes_per_s)}/s ({p.bandwidth_source}"
+        f"{_trials(p.bandwidth_spread)}).  "
+        f"S-MFU, MFU: ÷ {human_flops(p.flops_per_s)}/s {p.dtype} ({p.flops_source}"
+        f"{_trials(p.flops_spread)}).  "
         f"Ridge point {p.ridge_point:.1f} FLOP/byte.  Timing: {rows[0].time.method}, "
         f"median of {len(rows[0].time.samples_s)} reps; {cache}.  Counts: {rows[0].counter_impl}.  "
         "Dense MBU/MFU count every expert as read and computed: above 100% where sparsity saves work."
@@ -251,4 +287,8 @@ def print_report(rows: Sequence[RowResult], console: Console) -> None:
         console.print("no results")
         return
     console.print(results_table(rows))
-    console.print(denominators_note(rows), style="dim")
+    console.print(denominators_note(rows), style="dim", markup=False)
+    if rows[0].peaks.caveat:
+        console.print(
+            f"{rows[0].peaks.caveat}: S-MBU and S-MFU are against these figures", style="bold yellow"
+        )

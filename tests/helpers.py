@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -12,6 +14,23 @@ from moecap_kernels.spec import MoESpec
 def tiny_spec(**overrides) -> MoESpec:
     base = dict(name="tiny", hidden_size=48, intermediate_size=40, num_experts=8, top_k=2)
     return MoESpec(**{**base, **overrides})
+
+
+def tiny_config(folder: Path, *, hidden=64, inter=48, experts=8, top_k=2, **extra) -> Path:
+    """A Mixtral-layout config.json for a layer small enough to run in a blink."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model_type": "mixtral",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_local_experts": experts,
+        "num_experts_per_tok": top_k,
+        "torch_dtype": "float32",
+        **extra,
+    }
+    path = folder / "config.json"
+    path.write_text(json.dumps(config))
+    return path
 
 
 def spec_shape(spec: MoESpec) -> tuple:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moecap_kernels.errors import UserError
-from moecap_kernels.hf_config import spec_from_hf_config
+from moecap_kernels.hf_config import read_hf_config, spec_from_hf_config
 from moecap_kernels.spec import MoESpec, list_presets, load_preset
 from tests.helpers import spec_shape
 
@@ -389,3 +390,50 @@ def test_any_corruption_is_a_spec_or_a_user_error(tmp_path: Path, base: str, cha
         spec_from_hf_config(path)
     except UserError as exc:
         assert str(path) in str(exc) and "\n" not in str(exc)
+
+
+# --- where each field came from (what --dry-run shows) -----------------------------------------
+
+
+def _leaf_keys(config: Config, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in config.items():
+        keys.add(prefix + key)
+        if isinstance(value, dict):
+            keys |= _leaf_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_every_field_names_its_origin_and_named_keys_exist(tmp_path: Path, name: str) -> None:
+    config = PRESET_LAYOUT[name](load_preset(name))
+    spec, origins = read_hf_config(write_config(tmp_path, config))
+    assert set(origins) == {f.name for f in dataclasses.fields(spec)}
+    keys = _leaf_keys(config)
+    for field in ("hidden_size", "intermediate_size", "num_experts", "top_k"):
+        assert origins[field] in keys, (field, origins[field])  # the very key it was read from
+    for field, origin in origins.items():  # an origin that is one word names a key that exists
+        first = origin.split(" ")[0]
+        assert " " in origin or origin in keys or origin == "default", (field, origin)
+        if first in keys or first.split(".")[0] in keys:
+            continue
+        assert not first.endswith("_size") and not first.startswith("num_"), (field, origin)
+
+
+def test_origins_say_which_key_and_which_default(tmp_path: Path) -> None:
+    config = {**mixtral(load_preset("mixtral-8x7b")), "torch_dtype": "float8_e4m3fn"}
+    del config["hidden_act"]
+    _, origins = read_hf_config(write_config(tmp_path, config))
+    assert origins["num_experts"] == "num_local_experts"
+    assert origins["activation"] == "hidden_act (absent: silu)"
+    assert origins["renormalize"] == "Mixtral renormalises over the top-k"
+    assert (
+        origins["weight_dtype"].startswith("default bfloat16") and "float8_e4m3fn" in origins["weight_dtype"]
+    )
+    assert origins["gated"] == "default"
+    _, forced = read_hf_config(write_config(tmp_path, config), dtype="fp16")
+    assert forced["weight_dtype"] == forced["act_dtype"] == "--dtype"
+    _, ds = read_hf_config(write_config(tmp_path, deepseek("deepseek_v3", "X")(load_preset("deepseek-v3"))))
+    assert ds["shared_intermediate_size"].startswith("moe_intermediate_size")
+    _, db = read_hf_config(write_config(tmp_path, dbrx(load_preset("dbrx"))))
+    assert db["top_k"] == "ffn_config.moe_top_k" and db["activation"].startswith("ffn_config.ffn_act_fn.name")
