@@ -139,3 +139,24 @@ def test_cpu_kernel_bench_measures_a_tiny_layer():
     assert row.tokens == 3 and len(probe.samples) == 2 * 4  # one streaming pass before each timed run
     assert all(v > 0 and math.isfinite(v) for v in (row.op_s, row.op_gbs, row.frac_paired))
     assert all(v > 0 and math.isfinite(v) for v in (row.loop_s, row.gemm_s, row.backend_s))
+
+
+def test_first_run_table_has_each_step_its_median_and_the_calibrations_own_report():
+    first_run = load_script("first_run")
+    steps = first_run.steps(with_tests=True)
+    assert [s.name for s in steps] == [
+        "extension build", "quick calibration", "full calibration",
+        "default profile, first run", "default profile, cached", "test suite",
+    ]  # fmt: skip
+    assert steps[3].cache == steps[4].cache != steps[0].cache  # the cached run finds the first run's cache
+    for step, walls in zip(steps, ([20.0, 10.0, 12.0], [3.0], [7.0], [30.0], [11.0], [80.0]), strict=True):
+        step.wall_s = walls
+    steps[1].reports = [
+        {"duration_s": 1.2, "stable": False, "why": "others took 40%", "read_GBps": 40.0,
+         "read_spread": 0.02, "bf16_GFLOPs": 440.0, "gemm_spread": 0.01, "others_cpu_share": 0.4},
+    ]  # fmt: skip
+    steps[4].calibrated = [False]
+    text = first_run.markdown(steps, {"machine": "test CPU", "date": "2026-12-01"})
+    assert "| extension build | 12.0 s (10.0–20.0) | 3 |" in text
+    assert "| default profile, cached | 11.0 s (11.0–11.0) | 1, calibrated in 0 of them |" in text
+    assert "no: others took 40%" in text and "40.0 (2.0%)" in text and "40.0%" in text

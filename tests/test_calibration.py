@@ -251,3 +251,21 @@ def test_cpu_gemm_budget_flags_a_slow_dtype(monkeypatch: pytest.MonkeyPatch) -> 
     figure, n, note = calib._cpu_gemm_peak("float32", plan)
     # the sleep alone caps the rate at 1 GFLOP/s (no lower bound: a loaded machine is slower still)
     assert n < calib.SLOW_GEMM_N and note.startswith("slow path") and 0 < figure.best < 1.01e9
+
+
+def test_the_gpu_gemm_search_times_its_best_size_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA path's logic, run on the CPU (it only needs a device that matmul runs on)."""
+    timed: list[int] = []
+    real = calib._gemm_rate
+
+    def spy(n: int, *args, **kwargs) -> float:
+        timed.append(n)
+        return real(n, *args, **kwargs)
+
+    monkeypatch.setattr(calib, "_gemm_rate", spy)
+    plan = calib._Plan((8,), 1, 1, 1, 0.1, 128, (64, 128))
+    before = torch.get_float32_matmul_precision()
+    figure, n = calib._cuda_gemm_peak(torch.device("cpu"), "float32", plan)
+    assert timed[:2] == [64, 128] and timed[2] == n and len(timed) == 3
+    assert figure.best > 0 and 0 <= figure.spread < 1
+    assert torch.get_float32_matmul_precision() == before  # TF32 setting restored

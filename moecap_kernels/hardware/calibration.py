@@ -319,7 +319,7 @@ def _measure(device: torch.device, info: DeviceInfo, dtypes: Sequence[str], quic
         ("copy bandwidth", copy.best, PLAUSIBLE_BANDWIDTH, "B/s"),
         *((f"{d} GEMM", g[0].best, PLAUSIBLE_FLOPS, "FLOP/s") for d, g in gemm.items()),
     ):
-        problem = implausible(f"the calibration measured a {label} of", figure, bounds, unit)
+        problem = implausible(f"a measured {label} of", figure, bounds, unit)
         if problem:
             raise UserError(f"{problem}; give --peak-bandwidth and --peak-flops instead")
     return Calibration(
