@@ -160,3 +160,11 @@ def test_first_run_table_has_each_step_its_median_and_the_calibrations_own_repor
     assert "| extension build | 12.0 s (10.0–20.0) | 3 |" in text
     assert "| default profile, cached | 11.0 s (11.0–11.0) | 1, calibrated in 0 of them |" in text
     assert "no: others took 40%" in text and "40.0 (2.0%)" in text and "40.0%" in text
+
+
+def test_read_over_time_buckets_every_read_of_one_buffer():
+    read_over_time = load_script("read_over_time")
+    buckets = read_over_time.read_for(1.2, 1 << 20)
+    starts = [t for t, _ in buckets]
+    assert starts[0] == 0.0 and starts == sorted(starts) and all(t < 1.2 for t in starts)
+    assert all(rate > 0 for _, rate in buckets)
