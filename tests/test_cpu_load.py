@@ -43,3 +43,28 @@ def test_share_is_unknown_without_proc_stat(tmp_path: Path) -> None:
     with cpu_load.OthersShare(tmp_path / "absent") as load:
         pass
     assert load.share is None
+
+
+def test_children_we_waited_for_are_our_own_time(tmp_path: Path) -> None:
+    """A compiler the calibration ran (the extension's build) is not somebody else's load: the
+    machine's busy time grows by exactly the child's CPU time, and the share stays near zero."""
+    import subprocess
+    import sys
+
+    stat = tmp_path / "stat"
+    ticks = os.sysconf("SC_CLK_TCK")
+    _stat(stat, user=1000)
+    started = time.perf_counter()
+    with cpu_load.OthersShare(stat) as load:
+        before = os.times()
+        subprocess.run([sys.executable, "-c", "sum(i * i for i in range(4_000_000))"], check=True)
+        after = os.times()
+        child = (after.children_user + after.children_system) - (
+            before.children_user + before.children_system
+        )
+        own = (after.user + after.system) - (before.user + before.system)
+        _stat(stat, user=1000 + round((child + own) * ticks))  # the machine saw only us and our child
+    wall = time.perf_counter() - started
+    assert child > 0.05 and load.share is not None
+    as_others = child / (wall * (os.cpu_count() or 1))  # the share, were the child's time not ours
+    assert load.share < 0.25 * as_others

@@ -303,6 +303,7 @@ _QUICK = _Plan((8,), 2, 5, 2, 0.8, 2048, (4096,))
 
 def _measure(device: torch.device, info: DeviceInfo, dtypes: Sequence[str], quick: bool) -> Calibration:
     plan = _QUICK if quick else _FULL
+    read_pass(device)  # builds the extension now if it must: a compiler is no measurement's load
     start = time.perf_counter()
     gemm: dict[str, tuple[Figure, int, str]] = {}
     with OthersShare() as load:

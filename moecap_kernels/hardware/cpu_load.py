@@ -2,8 +2,9 @@
 
 A measurement made while other processes run (or while the hypervisor gives our virtual CPUs' time
 to other guests: "steal") reads a slower machine than the quiet one. Linux's /proc/stat counts, per
-machine, the time every CPU spent busy or stolen; this process's own CPU time (all its threads)
-comes from ``time.process_time``. What is left of the busy time is somebody else's:
+machine, the time every CPU spent busy or stolen; our own CPU time is this process's (all its
+threads) and that of its children it has waited for (a compiler it ran, say). What is left of the
+busy time is somebody else's:
 
     others_share = (busy + steal − own CPU time) / (wall time × CPUs)
 
@@ -37,6 +38,11 @@ def _busy_seconds(stat: Path) -> float | None:
     return sum(values[i] for i in _BUSY_COLUMNS) / ticks
 
 
+def _own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
 @dataclass
 class OthersShare:
     """Use as ``with OthersShare() as load: ...``; then ``load.share`` (None when unknown)."""
@@ -46,7 +52,7 @@ class OthersShare:
 
     def __enter__(self) -> OthersShare:
         self._busy = _busy_seconds(self.stat)
-        self._own = time.process_time()
+        self._own = _own_cpu_seconds()
         self._wall = time.perf_counter()
         return self
 
@@ -57,6 +63,6 @@ class OthersShare:
         if busy is None or self._busy is None or wall <= 0:
             self.share = None
             return
-        others = (busy - self._busy) - (time.process_time() - self._own)
+        others = (busy - self._busy) - (_own_cpu_seconds() - self._own)
         # Tick sampling makes the two clocks disagree by a tick or so: a tiny negative is zero.
         self.share = max(others, 0.0) / (wall * cpus)
