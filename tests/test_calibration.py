@@ -39,7 +39,6 @@ def test_figure_keeps_the_best_trial_and_their_spread() -> None:
     [
         ({"others_cpu_share": 0.45}, "other processes took 45% of the CPU time"),
         ({"read_bandwidth_spread": 0.25}, "trials of the read bandwidth differ by 25%"),
-        ({"copy_bandwidth_spread": 0.5}, "trials of the copy bandwidth differ by 50%"),
         ({"gemm_spreads": {"bfloat16": 0.3, "float32": 0.0}}, "trials of the bfloat16 GEMM differ by 30%"),
     ],
 )
@@ -49,8 +48,10 @@ def test_busy_machine_or_disagreeing_trials_make_it_unstable(changes: dict, need
     assert not cal.stable and needle in (cal.unstable_reason or "")
 
 
-def test_unknown_load_alone_does_not_make_it_unstable() -> None:
+def test_unknown_load_or_a_wobbly_copy_figure_alone_do_not_make_it_unstable() -> None:
+    """Only the figures that divide decide: the copy bandwidth is for reference."""
     assert fake_calibration(others_cpu_share=None).stable
+    assert fake_calibration(copy_bandwidth_spread=0.5).stable
 
 
 def _patch_measure(monkeypatch: pytest.MonkeyPatch, cal: hw.Calibration) -> list[str]:

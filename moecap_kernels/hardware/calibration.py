@@ -7,8 +7,9 @@ How far a calibration can be trusted is measured with it:
   kept (a ceiling) and the spread between the trials, (max − min) / max, is stored beside it;
 - the share of the machine's CPU time that other processes or the hypervisor took while it ran
   is stored too (``cpu_load``);
-- a calibration whose spread exceeds ``SPREAD_LIMIT``, or whose others' share exceeds
-  ``BUSY_LIMIT``, is *unstable*: it serves the run that made it, which says so, and is not cached.
+- a calibration whose spread for a figure that divides (read bandwidth, a GEMM peak) exceeds
+  ``SPREAD_LIMIT``, or whose others' share exceeds ``BUSY_LIMIT``, is *unstable*: it serves the run
+  that made it, which says so, and is not cached.
 
 A cached file records the machine, the thread count and torch's version; one that is corrupt or
 implausible is ignored, and the line announcing the new calibration says why.
@@ -93,9 +94,8 @@ class Calibration:
         reasons = []
         if self.others_cpu_share is not None and self.others_cpu_share > BUSY_LIMIT:
             reasons.append(f"other processes took {self.others_cpu_share:.0%} of the CPU time while it ran")
-        spreads = {
+        spreads = {  # the figures that divide (copy bandwidth is for reference only)
             "read bandwidth": self.read_bandwidth_spread,
-            "copy bandwidth": self.copy_bandwidth_spread,
             **{f"{dtype} GEMM": s for dtype, s in self.gemm_spreads.items()},
         }
         what, worst = max(spreads.items(), key=lambda item: item[1])
