@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from results_file import RESULTS, command, stem
+
 from moecap_kernels.files import write_atomic
 from moecap_kernels.hardware import detect_device
 
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--busy", type=int, default=os.cpu_count() or 1, help="spinning processes")
     parser.add_argument("--repeats", type=int, default=2, help="quiet / busy pairs, in turn")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     info = detect_device("cpu")
     sections = []
@@ -67,18 +69,16 @@ def main(argv: list[str] | None = None) -> int:
                     spinner.wait()
             sections += [f"## {label}", "", f"cached: {', '.join(cached) or 'nothing'}", "", "```"]
             sections += [*lines_about_calibration(out), "```", ""]
-    given = sys.argv[1:] if argv is None else argv
     head = [
         f"# Calibration quiet and under load: {info.name}, {info.cores} cores",
         "",
         f"- date: {dt.date.today().isoformat()}",
-        f"- command: `{shlex.join(['python', 'benchmarks/calibration_under_load.py', *given])}`",
+        f"- command: `{command('calibration_under_load.py', argv)}`",
         f"- each run: `python {shlex.join(PROFILE)}` in an empty MOECAP_CACHE_DIR",
         "",
     ]
     text = "\n".join(head + sections)
-    slug = re.sub(r"[^a-z0-9]+", "-", info.name.lower()).strip("-")
-    write_atomic(Path(args.out) / f"calibration-under-load-{dt.date.today().isoformat()}-{slug}.md", text)
+    write_atomic(stem(args.out, "calibration-under-load", info.name).with_suffix(".md"), text)
     print(text)
     return 0
 

@@ -20,7 +20,6 @@ import argparse
 import datetime as dt
 import json
 import platform
-import re
 import shlex
 import sys
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import results_file
 import torch
 from rich.console import Console
 
@@ -363,9 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": f"python benchmarks/compare.py {shlex.join(given)}".rstrip(),
         "wall time": f"{time.perf_counter() - started:.0f} s",
     }
-    slug = re.sub(r"[^a-z0-9]+", "-", info.name.lower()).strip("-")
-    stem = Path(args.out) / f"compare-{date}-{slug}{'-quick' if args.quick else ''}"
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    stem = results_file.stem(args.out, "compare", info.name, "-quick" if args.quick else "")
     text = markdown(rows, checks, header)
     write_atomic(stem.with_suffix(".md"), text)
     doc = {"header": header, "ceilings": checks, "rows": [asdict(r) for r in rows]}

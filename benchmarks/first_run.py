@@ -20,7 +20,6 @@ import datetime as dt
 import json
 import os
 import platform
-import re
 import shlex
 import statistics
 import subprocess
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from results_file import RESULTS, command, stem
 
 from moecap_kernels.files import write_all_atomic
 from moecap_kernels.hardware import detect_device
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--simulate-llc-mib", type=int, help="also calibrate as if the machine reported an LLC of N MiB"
     )
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     info = detect_device("cpu")
     all_steps = steps(args.with_tests, args.simulate_llc_mib)
@@ -149,22 +149,19 @@ def main(argv: list[str] | None = None) -> int:
                 cache = Path(scratch) / step.cache.replace(" ", "-")
                 run_step(step, cache)
                 print(f"{step.name}: {step.wall_s[-1]:.1f} s", flush=True)
-    date = dt.date.today().isoformat()
-    given = sys.argv[1:] if argv is None else argv
     header = {
         "machine": f"{info.name}, {info.cores} cores, LLC {info.llc_bytes >> 20} MiB, "
         f"{info.memory_total_bytes / 2**30:.0f} GiB",
-        "date": date,
+        "date": dt.date.today().isoformat(),
         "software": f"Python {platform.python_version()}, torch {torch.__version__}, {platform.platform()}",
-        "command": shlex.join(["python", "benchmarks/first_run.py", *given]),
+        "command": command("first_run.py", argv),
         "how": "each step a whole process timed from outside; the build and the first run each in an "
         "empty MOECAP_CACHE_DIR; the calibrations (forced) and the tests beside the built extension",
     }
-    slug = re.sub(r"[^a-z0-9]+", "-", info.name.lower()).strip("-")
-    stem = Path(args.out) / f"first-run-{date}-{slug}"
+    path = stem(args.out, "first-run", info.name)
     text = markdown(all_steps, header)
     doc = {"header": header, "steps": [{**asdict(s), "command": s.command} for s in all_steps]}
-    write_all_atomic({stem.with_suffix(".md"): text, stem.with_suffix(".json"): json.dumps(doc, indent=2)})
+    write_all_atomic({path.with_suffix(".md"): text, path.with_suffix(".json"): json.dumps(doc, indent=2)})
     print(text)
     return 0
 

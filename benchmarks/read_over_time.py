@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import re
-import shlex
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+from results_file import RESULTS, command, stem
 
 from moecap_kernels.files import write_atomic
 from moecap_kernels.hardware import detect_device
@@ -49,16 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--mib", type=int, default=512)
     parser.add_argument("--buffers", type=int, default=2, help="one after another, each made fresh")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     info = detect_device("cpu")
     runs = [read_for(args.seconds, args.mib << 20) for _ in range(args.buffers)]
-    given = sys.argv[1:] if argv is None else argv
     lines = [
         f"# One buffer read over and over: {info.name}, {info.cores} cores",
         "",
         f"- date: {dt.date.today().isoformat()}; torch {torch.__version__}",
-        f"- command: `{shlex.join(['python', 'benchmarks/read_over_time.py', *given])}`",
+        f"- command: `{command('read_over_time.py', argv)}`",
         f"- {args.mib} MiB per buffer, read by the calibration's reader; median GB/s per {BUCKET_S} s",
         "",
         "| from s | " + " | ".join(f"buffer {i + 1} GB/s" for i in range(len(runs))) + " |",
@@ -68,9 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{r[row][1]:.1f}" if row < len(r) else "" for r in runs]
         lines.append(f"| {row * BUCKET_S:.1f} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
-    slug = re.sub(r"[^a-z0-9]+", "-", info.name.lower()).strip("-")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    write_atomic(Path(args.out) / f"read-over-time-{dt.date.today().isoformat()}-{slug}.md", text)
+    write_atomic(stem(args.out, "read-over-time", info.name).with_suffix(".md"), text)
     print(text)
     return 0
 

@@ -26,6 +26,8 @@ CPU = torch.device("cpu")
 
 
 def load_script(name: str):
+    if str(BENCHMARKS) not in sys.path:  # as when run as a script: its folder first on the path
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up while the script is executed
