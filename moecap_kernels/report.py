@@ -289,6 +289,5 @@ def print_report(rows: Sequence[RowResult], console: Console) -> None:
     console.print(results_table(rows))
     console.print(denominators_note(rows), style="dim", markup=False)
     if rows[0].peaks.caveat:
-        console.print(
-            f"{rows[0].peaks.caveat}: S-MBU and S-MFU are against these figures", style="bold yellow"
-        )
+        caveat = f"{rows[0].peaks.caveat}: S-MBU and S-MFU are against these figures"
+        console.print(caveat, style="bold yellow", markup=False)

@@ -433,7 +433,7 @@ def _cpu_gemm_peak(dtype: str, plan: _Plan) -> tuple[Figure, int, str]:
     """(figure, n it was reached at, note) over square GEMMs n = 128, 256, … within a time budget.
 
     Each step predicts the next size's cost (8× this one); when that would overrun the budget the
-    search stops, and the best size is timed once more as the second trial. Stopping below
+    search stops, and the best size is timed again for the other trials. Stopping below
     ``SLOW_GEMM_N`` marks a slow path (float16 on most CPUs), noted so the figure is not mistaken
     for a real peak.
     """
@@ -450,8 +450,8 @@ def _cpu_gemm_peak(dtype: str, plan: _Plan) -> tuple[Figure, int, str]:
             n *= 2
             continue
         note = _slow_note(n, rate) if n < SLOW_GEMM_N else ""
-        again = _gemm_rate(best_n, dtype, cpu, plan.gemm_reps)
-        return Figure.of([best, again]), best_n, note
+        again = [_gemm_rate(best_n, dtype, cpu, plan.gemm_reps) for _ in range(TRIALS - 1)]
+        return Figure.of([best, *again]), best_n, note
 
 
 def _slow_note(n: int, rate: float) -> str:
@@ -462,14 +462,15 @@ def _slow_note(n: int, rate: float) -> str:
 
 
 def _cuda_gemm_peak(device: torch.device, dtype: str, plan: _Plan) -> tuple[Figure, int]:
-    """(figure, n) over large square GEMMs timed with CUDA events; the best size is timed twice."""
+    """(figure, n) over large square GEMMs timed with CUDA events; the best size is timed again for
+    the other trials."""
     reps = max(plan.gemm_reps, 3)
     with _ieee_fp32_matmul():
         # one warm-up call per size (cuBLAS handle and heuristics); time_region synchronises after it
         rates = {n: _gemm_rate(n, dtype, device, reps, inner=5, warmup=1) for n in plan.cuda_gemm_sizes}
         best_n = max(rates, key=rates.__getitem__)
-        again = _gemm_rate(best_n, dtype, device, reps, inner=5, warmup=1)
-    return Figure.of([rates[best_n], again]), best_n
+        again = [_gemm_rate(best_n, dtype, device, reps, inner=5, warmup=1) for _ in range(TRIALS - 1)]
+    return Figure.of([rates[best_n], *again]), best_n
 
 
 @contextlib.contextmanager
