@@ -344,14 +344,17 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = QUICK_SCENARIOS if args.quick else FULL_SCENARIOS
     reps = {"decode": 8, "prefill": 2} if args.quick else {"decode": 25, "prefill": 5}
     dtype = torch_dtype(args.dtype)
-    # backend_names(): loop (the baseline) first, the most specialised last (it gets the overhead pair)
-    backends = tuple(n for n in backend_names() if get_backend(n).availability(device, dtype) is None)
     rows: list[Measured] = []
     for name in models:
-        console.print(f"[bold]{name}[/bold] ({', '.join(backends)})")
-        rows += compare_layer(
-            load_preset(name).with_dtype(args.dtype), scenarios, backends, device, info, peaks, reps, console
+        spec = load_preset(name).with_dtype(args.dtype)
+        # backend_names(): loop (the baseline) first, the most specialised last (it gets the overhead pair)
+        backends = tuple(
+            n
+            for n in backend_names()
+            if (get_backend(n).availability(device, dtype) or get_backend(n).supports(spec)) is None
         )
+        console.print(f"[bold]{name}[/bold] ({', '.join(backends)})")
+        rows += compare_layer(spec, scenarios, backends, device, info, peaks, reps, console)
     date = dt.date.today().isoformat()
     given = sys.argv[1:] if argv is None else argv
     header = {

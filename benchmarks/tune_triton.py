@@ -30,7 +30,7 @@ from moecap_kernels.kernels.configs import (
     heuristic_config,
 )
 from moecap_kernels.report import write_atomic
-from moecap_kernels.routing import route, router_scores
+from moecap_kernels.routing import route_tokens
 from moecap_kernels.spec import MoESpec, load_preset
 from moecap_kernels.timing import time_region
 from moecap_kernels.weights import random_weights
@@ -72,7 +72,7 @@ def tune(
         x = torch.randn(tokens, spec.hidden_size, generator=gen, device=device).to(
             torch_dtype(spec.act_dtype)
         )
-        ids, topk_weights = route(router_scores(x, weights.router, spec), spec)
+        ids, topk_weights = route_tokens(x, weights, spec)
 
         def forward(i: int, x=x, ids=ids, topk_weights=topk_weights) -> None:
             backend.forward(x, weights, spec, ids, topk_weights)

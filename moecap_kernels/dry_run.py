@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moecap_kernels.hardware import DeviceInfo, Peaks
-from moecap_kernels.report import human_bytes, human_flops
+from moecap_kernels.report import checkpoint_line, human_bytes, human_flops
 from moecap_kernels.runner import ProfileRequest, fits, memory_needed
 
 GiB = 2**30
@@ -79,6 +79,8 @@ def print_plan(
         peaks_line(peaks, pending),
         *memory_lines(request, info),
     ]
+    if request.spec.checkpoint_format:
+        lines.append(checkpoint_line(request.spec))
     if outputs:
         lines.append(f"would write {', '.join(outputs)}")
     for line in lines:

@@ -13,17 +13,30 @@ from moecap_kernels.spec import MoESpec
 
 @dataclass(frozen=True)
 class Traffic:
-    """Compulsory bytes of one forward (and the dense figure, every expert read)."""
+    """Compulsory bytes of one forward (and the dense figure, every expert read).
+
+    ``router_weights`` includes the router's bias; ``selection_bias`` is the float32 correction bias
+    read to choose experts; ``shared_gate_weights`` the shared experts' gate vectors.
+    """
 
     expert_weights: int
     shared_weights: int
     router_weights: int
     activations: int
     dense: int
+    selection_bias: int = 0
+    shared_gate_weights: int = 0
 
     @property
     def compulsory(self) -> int:
-        return self.expert_weights + self.shared_weights + self.router_weights + self.activations
+        return (
+            self.expert_weights
+            + self.shared_weights
+            + self.router_weights
+            + self.activations
+            + self.selection_bias
+            + self.shared_gate_weights
+        )
 
     def to_dict(self) -> dict[str, int]:
         return {**asdict(self), "compulsory": self.compulsory}
@@ -31,39 +44,46 @@ class Traffic:
 
 @dataclass(frozen=True)
 class Work:
-    """Useful FLOPs of one forward (multiply-add = 2), and the dense figure (every expert on every token)."""
+    """Useful FLOPs of one forward (multiply-add = 2), and the dense figure (every expert on every token).
+
+    GEMMs only, as FLOP counters count them: the shared experts' gates are a GEMM (2·T·H·S) and
+    counted; biases, activations, scores and weighting are elementwise and not.
+    """
 
     experts: int
     shared: int
     router: int
     dense: int
+    shared_gate: int = 0
 
     @property
     def useful(self) -> int:
-        return self.experts + self.shared + self.router
+        return self.experts + self.shared + self.router + self.shared_gate
 
     def to_dict(self) -> dict[str, int]:
         return {**asdict(self), "useful": self.useful}
 
 
 def traffic(spec: MoESpec, tokens: int, expert_weight_bytes: int) -> Traffic:
-    """Bytes of one forward; ``expert_weight_bytes`` = activated_experts · P_e · b_w (from the counters)."""
+    """Bytes of one forward; ``expert_weight_bytes`` = activated_experts · (P_e + biases) · b_w
+    (from the counters)."""
     b_w = spec.weight_bytes_per_param
     shared = spec.num_shared_experts * spec.params_per_shared_expert * b_w
     router = spec.router_params * b_w
     activations = 2 * tokens * spec.hidden_size * spec.act_bytes_per_element
-    dense_experts = spec.num_experts * spec.expert_weight_bytes
-    return Traffic(
-        expert_weight_bytes, shared, router, activations, dense_experts + shared + router + activations
-    )
+    gates = spec.shared_gate_params * b_w
+    always = shared + router + activations + spec.selection_bias_bytes + gates
+    dense = spec.num_experts * spec.expert_weight_bytes + always
+    return Traffic(expert_weight_bytes, shared, router, activations, dense, spec.selection_bias_bytes, gates)
 
 
 def work(spec: MoESpec, tokens: int, expert_flops: int) -> Work:
     """FLOPs of one forward; ``expert_flops`` = Σ_e n_e · 2·P_e (from the counters)."""
     shared = tokens * 2 * spec.num_shared_experts * spec.params_per_shared_expert
-    router = 2 * tokens * spec.router_params
+    router = 2 * tokens * spec.num_experts * spec.hidden_size
+    gate = 2 * tokens * spec.shared_gate_params
     dense_experts = tokens * spec.num_experts * 2 * spec.params_per_expert
-    return Work(expert_flops, shared, router, dense_experts + shared + router)
+    return Work(expert_flops, shared, router, dense_experts + shared + router + gate, gate)
 
 
 @dataclass(frozen=True)

@@ -265,17 +265,19 @@ def trace_scenario(args: argparse.Namespace, tokens: int) -> Scenario:
 
 
 def resolve_backends(
-    text: str, device: torch.device, dtype: torch.dtype
+    text: str, device: torch.device, spec: MoESpec
 ) -> tuple[tuple[str, ...], dict[str, str]]:
     """(the backends that will run, {backend left out of "all": why})."""
     from moecap_kernels.backends import backend_names, get_backend
+    from moecap_kernels.dtypes import torch_dtype
 
     names = backend_names() if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise UserError("--backend needs at least one name")
     chosen, skipped = [], {}
     for name in dict.fromkeys(names):
-        why_not = get_backend(name).availability(device, dtype)
+        backend = get_backend(name)
+        why_not = backend.availability(device, torch_dtype(spec.act_dtype)) or backend.supports(spec)
         if why_not is None:
             chosen.append(name)
         elif text.strip() == "all":
@@ -283,7 +285,7 @@ def resolve_backends(
         else:
             raise UserError(f"backend {name!r} cannot run here: {why_not}")
     if not chosen:
-        raise UserError(f"no backend can run on {device} with {dtype}")
+        raise UserError(f"no backend can run {spec.name} on {device} with {spec.act_dtype}")
     return tuple(chosen), skipped
 
 
@@ -414,8 +416,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
 
     from moecap_kernels import hardware
     from moecap_kernels._ext import extension_status
-    from moecap_kernels.dtypes import torch_dtype
-    from moecap_kernels.report import print_report, to_csv, to_json
+    from moecap_kernels.report import checkpoint_line, print_report, to_csv, to_json
     from moecap_kernels.routing import parse_routing
     from moecap_kernels.runner import ProfileRequest, check_request_fits, run_profile
 
@@ -425,7 +426,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         return 0
     spec, origins = resolve_spec(args)
     scenarios = resolve_scenarios(args, spec)
-    backends, skipped = resolve_backends(args.backend, device, torch_dtype(spec.act_dtype))
+    backends, skipped = resolve_backends(args.backend, device, spec)
     warmup_default, reps_default = DEFAULT_REPS[device.type]
     request = ProfileRequest(
         spec=spec,
@@ -455,6 +456,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         style="dim",
         markup=False,
     )
+    if spec.checkpoint_format:
+        console.print(checkpoint_line(spec), style="yellow", markup=False)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("profiling", total=len(scenarios) * len(backends))

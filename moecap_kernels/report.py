@@ -15,6 +15,7 @@ from rich.table import Table
 from moecap_kernels import __version__
 from moecap_kernels.files import write_atomic  # noqa: F401  (re-exported: report.write_atomic)
 from moecap_kernels.runner import RowResult
+from moecap_kernels.spec import MoESpec
 
 SCHEMA_VERSION = 1
 
@@ -254,6 +255,14 @@ def results_table(rows: Sequence[RowResult]) -> Table:
             *(kernel_cells if kernel_columns else ()),
         )
     return table
+
+
+def checkpoint_line(spec: MoESpec) -> str:
+    """One line when the checkpoint stores its experts otherwise than the dtype profiled."""
+    return (
+        f"the checkpoint stores its experts as {spec.checkpoint_format}; profiled in {spec.weight_dtype} "
+        "(quantized experts are not implemented yet)"
+    )
 
 
 def _trials(spread: float | None) -> str:

@@ -1,10 +1,10 @@
 """Routing: which experts each token goes to, and with what weight.
 
 A routing is a pair of tensors: ``topk_ids`` int64 [T, k] (distinct experts per row) and
-``topk_weights`` float32 [T, k]. It comes from the router (softmax or sigmoid scores, top-k,
-optional renormalisation), or its ids are forced by a synthetic distribution or a recorded
-trace; the weights are then the router's scores gathered at those ids, so every source goes
-through the same arithmetic.
+``topk_weights`` float32 [T, k]. It comes from the router as the spec describes it (scoring,
+group-limited choice, selection bias, normalisation, scaling: see ``spec``), or its ids are
+forced by a synthetic distribution or a recorded trace; the weights are then the router's for
+those ids, so every source goes through the same arithmetic.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from moecap_kernels.errors import UserError
 from moecap_kernels.limits import MAX_EXPERTS, MAX_TOKENS
 from moecap_kernels.spec import MoESpec
+from moecap_kernels.weights import MoEWeights
 
 SYNTHETIC_KINDS = ("uniform", "zipf", "dirichlet", "hot")
 
@@ -65,30 +66,88 @@ def parse_routing(text: str) -> RoutingChoice:
 # --- router -------------------------------------------------------------------------------
 
 
-def router_scores(x: torch.Tensor, router_weight: torch.Tensor, spec: MoESpec) -> torch.Tensor:
-    """Scores [T, E] in float32: softmax or sigmoid of the logits x @ W_r^T."""
-    logits = (x @ router_weight.T).float()
-    return logits.softmax(dim=-1) if spec.router_scoring == "softmax" else logits.sigmoid()
+def router_logits(x: torch.Tensor, weights: MoEWeights, spec: MoESpec) -> torch.Tensor:
+    """Logits [T, E] in float32: x @ W_rᵀ (+ the router's bias), computed in x's dtype."""
+    logits = x @ weights.router.T
+    if spec.router_bias:
+        logits = logits + weights.router_bias
+    return logits.float()
 
 
-def _normalise(weights: torch.Tensor, spec: MoESpec) -> torch.Tensor:
-    return weights / weights.sum(dim=-1, keepdim=True) if spec.renormalize else weights
+def route_tokens(
+    x: torch.Tensor, weights: MoEWeights, spec: MoESpec, forced_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's routing of ``x``: ``route`` of its router's logits."""
+    return route(router_logits(x, weights, spec), spec, weights.selection_bias, forced_ids)
 
 
 def route(
-    scores: torch.Tensor, spec: MoESpec, forced_ids: torch.Tensor | None = None
+    logits: torch.Tensor,
+    spec: MoESpec,
+    selection_bias: torch.Tensor | None = None,
+    forced_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(topk_ids int64 [T, k], topk_weights float32 [T, k]) from router scores.
+    """(topk_ids int64 [T, k], topk_weights float32 [T, k]) from float32 router logits [T, E].
 
-    With ``forced_ids`` the experts are given (synthetic or trace routing) and only the weights
-    are taken from the scores.
+    Scores by ``spec.router_scoring``; experts chosen by ``spec.topk_method`` on the scores plus
+    ``selection_bias`` (when the spec has one), or given as ``forced_ids`` (synthetic or trace
+    routing); weights are the unbiased scores of the chosen experts, normalised and scaled as the
+    spec says.
     """
-    if forced_ids is None:
-        weights, ids = scores.topk(spec.top_k, dim=-1)
+    if spec.router_scoring == "sparsemixer":
+        return _sparsemixer(logits, spec.sparsemixer_eps, forced_ids)
+    if spec.router_scoring == "softmax_topk":
+        ids = forced_ids if forced_ids is not None else _choose(logits, spec, selection_bias)
+        weights = logits.gather(1, ids).softmax(dim=-1)
     else:
-        ids = forced_ids
+        scores = logits.softmax(dim=-1) if spec.router_scoring == "softmax" else logits.sigmoid()
+        ids = forced_ids if forced_ids is not None else _choose(scores, spec, selection_bias)
         weights = scores.gather(1, ids)
     return ids, _normalise(weights, spec)
+
+
+def _choose(scores: torch.Tensor, spec: MoESpec, selection_bias: torch.Tensor | None) -> torch.Tensor:
+    """The k experts per token: top-k of the (biased) scores, within the groups kept when limited."""
+    chosen = scores + selection_bias if spec.selection_bias else scores
+    if spec.topk_method != "greedy":
+        tokens = chosen.shape[0]
+        grouped = chosen.view(tokens, spec.n_group, spec.num_experts // spec.n_group)
+        if spec.topk_method == "group_max":  # DeepSeek-V2: a group ranks by its best expert
+            group_scores, fill = grouped.max(dim=-1).values, 0.0
+        else:  # DeepSeek-V3: by the sum of its two best
+            group_scores, fill = grouped.topk(2, dim=-1).values.sum(dim=-1), float("-inf")
+        kept = group_scores.topk(spec.topk_group, dim=-1).indices
+        mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+        chosen = grouped.masked_fill(~mask[:, :, None], fill).view(tokens, spec.num_experts)
+    return chosen.topk(spec.top_k, dim=-1).indices
+
+
+def _normalise(weights: torch.Tensor, spec: MoESpec) -> torch.Tensor:
+    if spec.renormalize:
+        norm = weights.sum(dim=-1, keepdim=True) if spec.norm_p == 1 else weights.norm(spec.norm_p, -1, True)
+        weights = weights / norm
+    return weights * spec.routed_scaling_factor if spec.routed_scaling_factor != 1 else weights
+
+
+def _sparsemixer(
+    logits: torch.Tensor, eps: float, forced_ids: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PhiMoE's top-2 (evaluation form): rank r takes the best expert not yet taken (or the forced
+    one); its weight is a softmax over the experts not yet taken whose logits lie within a relative
+    2·eps of its own. The two weights are not normalised."""
+    available = logits
+    ids, weights = [], []
+    for rank in range(2):
+        if forced_ids is None:
+            best, pick = available.max(dim=-1, keepdim=True)
+        else:
+            pick = forced_ids[:, rank : rank + 1]
+            best = logits.gather(1, pick)
+        far = (best - logits) / logits.abs().clamp(min=best) > 2 * eps
+        weights.append(available.masked_fill(far, float("-inf")).softmax(dim=-1).gather(1, pick))
+        ids.append(pick)
+        available = available.scatter(1, pick, float("-inf"))
+    return torch.cat(ids, dim=1), torch.cat(weights, dim=1)
 
 
 # --- synthetic distributions --------------------------------------------------------------

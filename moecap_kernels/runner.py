@@ -20,7 +20,7 @@ from moecap_kernels.hardware import DeviceInfo, Peaks
 from moecap_kernels.metrics import Traffic, Utilization, Work, load_imbalance, traffic, utilization, work
 from moecap_kernels.nvtx import nvtx_range
 from moecap_kernels.reference import reference_forward, relative_error
-from moecap_kernels.routing import RoutingChoice, load_trace, route, router_scores, synthetic_ids
+from moecap_kernels.routing import RoutingChoice, load_trace, route_tokens, synthetic_ids
 from moecap_kernels.spec import MoESpec
 from moecap_kernels.timing import CacheFlusher, TimingStats, time_region
 from moecap_kernels.weights import MoEWeights, random_weights
@@ -147,9 +147,7 @@ class Row:
         self.inputs = [x.to(torch_dtype(spec.act_dtype)) for _ in range(INPUT_COPIES)]
         forced = forced_ids(request.routing, tokens, spec, request.seed)
         self.forced = None if forced is None else forced.to(device)
-        self.ids, self.topk_weights = route(
-            router_scores(self.inputs[0], weights.router, spec), spec, self.forced
-        )
+        self.ids, self.topk_weights = route_tokens(self.inputs[0], weights, spec, self.forced)
         self._reference: torch.Tensor | None = None
         self._weights, self._spec = weights, spec
 
@@ -186,7 +184,7 @@ class BackendRun:
         spec, device, weights = self.request.spec, self.request.device, self.weights
         x = self.row.inputs[i % INPUT_COPIES]
         with nvtx_range("router", device):
-            ids, topk_weights = route(router_scores(x, weights.router, spec), spec, self.row.forced)
+            ids, topk_weights = route_tokens(x, weights, spec, self.row.forced)
         self.output = self.backend.forward(x, weights, spec, ids, topk_weights)
         if self.counter is not None:
             self.counter.add(ids)

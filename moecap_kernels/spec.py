@@ -1,7 +1,27 @@
-"""MoESpec: the shape and dtypes of one MoE layer, and the presets shipped as JSON data.
+"""MoESpec: the shape, dtypes and semantics of one MoE layer, and the presets shipped as JSON data.
 
 Vocabulary (see README): H = hidden_size, F = intermediate_size (per routed expert),
 E = num_experts, k = top_k, S = num_shared_experts, F_s = shared_intermediate_size.
+
+Semantics, each a field with the plain Mixtral behaviour as its default:
+
+- router: ``router_bias`` (logits = x·W_rᵀ + b_r); ``router_scoring`` softmax (over all experts),
+  sigmoid, softmax_topk (softmax over the k largest logits only) or sparsemixer (PhiMoE's top-2:
+  each pick's weight a softmax over the experts within a relative ``2·sparsemixer_eps`` of it);
+- selection: ``topk_method`` greedy, group_max (DeepSeek-V2's group-limited greedy: groups ranked
+  by their best score) or group_top2_sum (DeepSeek-V3's: ranked by the sum of their two best),
+  keeping ``topk_group`` of ``n_group`` groups; ``selection_bias`` (a per-expert bias added to the
+  scores for choosing only; the weights are the unbiased scores);
+- weights: ``renormalize`` (divided by their ``norm_p``-norm: p = 1 is the sum), then multiplied by
+  ``routed_scaling_factor``; ``weights_on_input`` scales an expert's input instead of its output
+  (Llama 4);
+- experts: ``expert_bias`` (gate/up and down projections with biases); ``activation`` silu, gelu
+  (erf), gelu_tanh, or swiglu_oai (gpt-oss: gate clamped to ``swiglu_limit`` from above, up to
+  ±limit, ``(up + 1) · gate · σ(swiglu_alpha · gate)``);
+- shared experts: ``shared_expert_gate`` (each scaled by σ(x·w_g), one gate vector per shared
+  expert, Qwen2-MoE);
+- ``checkpoint_format``: how the checkpoint stores its experts when that is not ``weight_dtype``
+  (a quantization_config), said in the report; empty when it is.
 """
 
 from __future__ import annotations
@@ -17,8 +37,10 @@ from moecap_kernels.dtypes import canonical_dtype, dtype_bytes
 from moecap_kernels.errors import UserError
 from moecap_kernels.limits import MAX_DIMENSION, MAX_EXPERTS, MAX_SHARED_EXPERTS
 
-ACTIVATIONS = ("silu", "gelu")
-SCORINGS = ("softmax", "sigmoid")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "swiglu_oai")
+SCORINGS = ("softmax", "sigmoid", "softmax_topk", "sparsemixer")
+TOPK_METHODS = ("greedy", "group_max", "group_top2_sum")
+SELECTION_BIAS_BYTES = 4  # the correction bias is kept in float32 (as the checkpoints store it)
 
 
 @dataclass(frozen=True)
@@ -39,6 +61,20 @@ class MoESpec:
     weight_dtype: str = "bfloat16"
     act_dtype: str = "bfloat16"
     source: str = ""
+    router_bias: bool = False
+    topk_method: str = "greedy"
+    n_group: int = 1
+    topk_group: int = 1
+    selection_bias: bool = False
+    norm_p: float = 1.0
+    routed_scaling_factor: float = 1.0
+    sparsemixer_eps: float = 0.01
+    weights_on_input: bool = False
+    expert_bias: bool = False
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    shared_expert_gate: bool = False
+    checkpoint_format: str = ""
 
     def __post_init__(self) -> None:
         for field, low, high in (
@@ -59,14 +95,46 @@ class MoESpec:
             raise UserError(f"{self.name}: top_k={self.top_k} exceeds num_experts={self.num_experts}")
         if self.num_shared_experts and not self.shared_intermediate_size:
             raise UserError(f"{self.name}: shared experts need shared_intermediate_size > 0")
-        if self.activation not in ACTIVATIONS:
-            raise UserError(f"{self.name}: activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.router_scoring not in SCORINGS:
-            raise UserError(
-                f"{self.name}: router_scoring must be one of {SCORINGS}, got {self.router_scoring!r}"
-            )
+        for field, allowed in (
+            ("activation", ACTIVATIONS),
+            ("router_scoring", SCORINGS),
+            ("topk_method", TOPK_METHODS),
+        ):
+            if getattr(self, field) not in allowed:
+                raise UserError(
+                    f"{self.name}: {field} must be one of {allowed}, got {getattr(self, field)!r}"
+                )
+        self._check_semantics()
         object.__setattr__(self, "weight_dtype", canonical_dtype(self.weight_dtype))
         object.__setattr__(self, "act_dtype", canonical_dtype(self.act_dtype))
+
+    def _check_semantics(self) -> None:
+        """Combinations no model has, or that would make the layer undefined."""
+        for field, low, high in (("n_group", 1, self.num_experts), ("topk_group", 1, self.n_group)):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise UserError(
+                    f"{self.name}: {field} must be an integer from {low} to {high}, got {value!r}"
+                )
+        for field in ("norm_p", "routed_scaling_factor", "sparsemixer_eps", "swiglu_alpha", "swiglu_limit"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e6:
+                raise UserError(f"{self.name}: {field} must be a positive number, got {value!r}")
+        if self.topk_method != "greedy":
+            per_group, remainder = divmod(self.num_experts, self.n_group)
+            if remainder or (self.topk_method == "group_top2_sum" and per_group < 2):
+                raise UserError(
+                    f"{self.name}: {self.topk_method} needs num_experts ({self.num_experts}) split evenly "
+                    f"into n_group={self.n_group} groups" + (" of at least 2" if per_group < 2 else "")
+                )
+            if self.top_k > self.topk_group * per_group:
+                raise UserError(f"{self.name}: top_k={self.top_k} exceeds the {self.topk_group} groups kept")
+        if self.router_scoring == "sparsemixer" and self.top_k != 2:
+            raise UserError(f"{self.name}: the sparsemixer router picks exactly 2 experts, not {self.top_k}")
+        if self.activation == "swiglu_oai" and not self.gated:
+            raise UserError(f"{self.name}: swiglu_oai needs gated experts")
+        if self.shared_expert_gate and not self.num_shared_experts:
+            raise UserError(f"{self.name}: shared_expert_gate needs shared experts")
 
     # --- sizes, all exact Python ints -------------------------------------------------
     @property
@@ -97,26 +165,44 @@ class MoESpec:
         return dtype_bytes(self.act_dtype)
 
     @property
+    def bias_params_per_expert(self) -> int:
+        """The biases of one routed expert's input and output projections (F_in + H), or 0."""
+        return self.expert_in_rows + self.hidden_size if self.expert_bias else 0
+
+    @property
     def expert_weight_bytes(self) -> int:
-        """Bytes of one routed expert's weights: P_e · b_w."""
-        return self.params_per_expert * self.weight_bytes_per_param
+        """Bytes of one routed expert: (P_e + its biases) · b_w."""
+        return (self.params_per_expert + self.bias_params_per_expert) * self.weight_bytes_per_param
 
     @property
     def router_params(self) -> int:
-        return self.num_experts * self.hidden_size
+        """The router's matrix E·H, and its bias E when it has one."""
+        return self.num_experts * self.hidden_size + (self.num_experts if self.router_bias else 0)
+
+    @property
+    def shared_gate_params(self) -> int:
+        """S·H: one gate vector per shared expert (Qwen2-MoE), or 0."""
+        return self.num_shared_experts * self.hidden_size if self.shared_expert_gate else 0
+
+    @property
+    def selection_bias_bytes(self) -> int:
+        """E float32 correction biases read for the expert choice (DeepSeek-V3), or 0."""
+        return self.num_experts * SELECTION_BIAS_BYTES if self.selection_bias else 0
 
     @property
     def total_params(self) -> int:
-        """All parameters of the layer: router, every routed expert, every shared expert."""
+        """All parameters in the weight dtype: router, routed and shared experts, shared gates."""
         return (
             self.router_params
-            + self.num_experts * self.params_per_expert
+            + self.num_experts * (self.params_per_expert + self.bias_params_per_expert)
             + self.num_shared_experts * self.params_per_shared_expert
+            + self.shared_gate_params
         )
 
     @property
     def total_weight_bytes(self) -> int:
-        return self.total_params * self.weight_bytes_per_param
+        """Every byte of the layer's weights, the float32 correction bias included."""
+        return self.total_params * self.weight_bytes_per_param + self.selection_bias_bytes
 
     def with_dtype(self, dtype: str) -> MoESpec:
         """The same layer with weights and activations in ``dtype``."""

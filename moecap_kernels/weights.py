@@ -5,7 +5,15 @@
 - ``w_out``:         [E, H, F]
 - ``shared_w_in``:   [S, F_in_s, H] and ``shared_w_out``: [S, H, F_s] (S may be 0)
 
-Weights are random (seeded) with 1/sqrt(fan_in) scale, so outputs are O(1) and never zero.
+and, where the spec has them (else None):
+
+- ``router_bias``:   [E], added to the logits;
+- ``selection_bias``: [E] float32, added to the scores for choosing experts only;
+- ``w_in_bias``:     [E, F_in] and ``w_out_bias``: [E, H], the experts' biases;
+- ``shared_gate``:   [S, H], shared expert s scaled by σ(x · shared_gate[s]).
+
+Weights are random (seeded) with 1/sqrt(fan_in) scale, so outputs are O(1) and never zero; biases
+are random too, so that a path that drops one is seen to.
 """
 
 from __future__ import annotations
@@ -25,6 +33,11 @@ class MoEWeights:
     w_out: torch.Tensor
     shared_w_in: torch.Tensor
     shared_w_out: torch.Tensor
+    router_bias: torch.Tensor | None = None
+    selection_bias: torch.Tensor | None = None
+    w_in_bias: torch.Tensor | None = None
+    w_out_bias: torch.Tensor | None = None
+    shared_gate: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -46,10 +59,20 @@ def random_weights(spec: MoESpec, device: torch.device | str = "cpu", seed: int 
     h, f, e = spec.hidden_size, spec.intermediate_size, spec.num_experts
     s, fs = spec.num_shared_experts, spec.shared_intermediate_size
     in_mult = 2 if spec.gated else 1
+
+    def optional(wanted: bool, shape: tuple[int, ...], fan_in: int, as_dtype: torch.dtype = dtype):
+        return _scaled_randn(shape, fan_in, as_dtype, device, gen) if wanted else None
+
     return MoEWeights(
         router=_scaled_randn((e, h), h, dtype, device, gen),
         w_in=_scaled_randn((e, in_mult * f, h), h, dtype, device, gen),
         w_out=_scaled_randn((e, h, f), f, dtype, device, gen),
         shared_w_in=_scaled_randn((s, in_mult * fs, h), h, dtype, device, gen),
         shared_w_out=_scaled_randn((s, h, fs), max(fs, 1), dtype, device, gen),
+        # biases of the size of a score or an activation: ~N(0, 1/4) and N(0, 1/16)
+        router_bias=optional(spec.router_bias, (e,), 4),
+        selection_bias=optional(spec.selection_bias, (e,), 16, torch.float32),
+        w_in_bias=optional(spec.expert_bias, (e, in_mult * f), 16),
+        w_out_bias=optional(spec.expert_bias, (e, h), 16),
+        shared_gate=optional(spec.shared_expert_gate, (s, h), h),
     )

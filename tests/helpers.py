@@ -33,6 +33,14 @@ def tiny_config(folder: Path, *, hidden=64, inter=48, experts=8, top_k=2, **extr
     return path
 
 
+NOT_LAYER = ("name", "weight_dtype", "act_dtype", "source", "checkpoint_format")
+
+
+def spec_layer(spec: MoESpec) -> dict:
+    """Every field that defines the layer's computation (all but name, dtypes, source, format)."""
+    return {k: v for k, v in spec.to_dict().items() if k not in NOT_LAYER}
+
+
 def spec_shape(spec: MoESpec) -> tuple:
     """The layer-shape fields of a spec (everything but name, dtypes and source), for comparisons."""
     return (
@@ -72,28 +80,44 @@ def align_reference(
 
 
 def per_pair_reference(x, weights, spec, topk_ids, topk_weights) -> torch.Tensor:
-    """y in float64 by the definition: for every token, for every routed pair, one expert matvec."""
-    f = spec.intermediate_size
+    """y in float64 by the definition: for every token, for every routed pair, one expert matvec
+    (biases, activation, weights on input or output, gated shared experts as the spec says)."""
 
-    def act(v: float) -> float:
-        return (
-            v / (1 + math.exp(-v))
-            if spec.activation == "silu"
-            else 0.5 * v * (1 + math.erf(v / math.sqrt(2)))
-        )
+    def act(gate: float, up: float | None) -> float:
+        if spec.activation == "swiglu_oai":
+            g, u = min(gate, spec.swiglu_limit), max(-spec.swiglu_limit, min(up, spec.swiglu_limit))
+            return (u + 1) * g / (1 + math.exp(-spec.swiglu_alpha * g))
+        if spec.activation == "silu":
+            a = gate / (1 + math.exp(-gate))
+        elif spec.activation == "gelu":
+            a = 0.5 * gate * (1 + math.erf(gate / math.sqrt(2)))
+        else:
+            a = 0.5 * gate * (1 + math.tanh(math.sqrt(2 / math.pi) * (gate + 0.044715 * gate**3)))
+        return a if up is None else a * up
 
-    def expert(row, w_in, w_out, width):
+    def expert(row, w_in, w_out, width, b_in=None, b_out=None):
         h = (w_in.double() @ row).tolist()
-        inner = [act(h[i]) * h[width + i] for i in range(width)] if spec.gated else [act(v) for v in h]
-        return w_out.double() @ torch.tensor(inner, dtype=torch.float64)
+        if b_in is not None:
+            h = [v + b for v, b in zip(h, b_in.double().tolist(), strict=True)]
+        inner = [act(h[i], h[width + i] if spec.gated else None) for i in range(width)]
+        out = w_out.double() @ torch.tensor(inner, dtype=torch.float64)
+        return out if b_out is None else out + b_out.double()
 
     y = torch.zeros(x.shape, dtype=torch.float64)
+    f = spec.intermediate_size
     for t in range(x.shape[0]):
         row = x[t].double()
         for j in range(spec.top_k):
-            e = int(topk_ids[t, j])
-            y[t] += float(topk_weights[t, j]) * expert(row, weights.w_in[e], weights.w_out[e], f)
+            e, w = int(topk_ids[t, j]), float(topk_weights[t, j])
+            biases = (weights.w_in_bias[e], weights.w_out_bias[e]) if spec.expert_bias else (None, None)
+            if spec.weights_on_input:
+                y[t] += expert(row * w, weights.w_in[e], weights.w_out[e], f, *biases)
+            else:
+                y[t] += w * expert(row, weights.w_in[e], weights.w_out[e], f, *biases)
         for s in range(spec.num_shared_experts):
             fs = spec.shared_intermediate_size
-            y[t] += expert(row, weights.shared_w_in[s], weights.shared_w_out[s], fs)
+            gate = 1.0
+            if spec.shared_expert_gate:
+                gate = 1 / (1 + math.exp(-float(weights.shared_gate[s].double() @ row)))
+            y[t] += gate * expert(row, weights.shared_w_in[s], weights.shared_w_out[s], fs)
     return y

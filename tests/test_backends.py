@@ -9,7 +9,7 @@ from moecap_kernels.backends import backend_names, get_backend
 from moecap_kernels.dtypes import torch_dtype
 from moecap_kernels.errors import UserError
 from moecap_kernels.reference import reference_forward, relative_error
-from moecap_kernels.routing import route, router_scores
+from moecap_kernels.routing import route_tokens
 from moecap_kernels.weights import random_weights
 from tests.helpers import per_pair_reference, tiny_spec
 
@@ -21,14 +21,31 @@ LAYERS = {
     "shared": {"num_shared_experts": 2, "shared_intermediate_size": 24},
     "k=E": {"num_experts": 4, "top_k": 4},
     "sigmoid": {"router_scoring": "sigmoid", "renormalize": False},
-}
+    "gelu-tanh": {"activation": "gelu_tanh"},
+    "gpt-oss": {  # router bias, softmax over the top-k, expert biases, clamped SwiGLU
+        "router_bias": True, "router_scoring": "softmax_topk", "renormalize": False,
+        "expert_bias": True, "activation": "swiglu_oai", "swiglu_limit": 0.5,
+    },
+    "llama4": {  # sigmoid of the top-k logits scales each expert's input; a plain shared expert
+        "router_scoring": "sigmoid", "renormalize": False, "weights_on_input": True,
+        "num_shared_experts": 1, "shared_intermediate_size": 40,
+    },
+    "qwen2-moe": {"num_shared_experts": 1, "shared_intermediate_size": 56, "shared_expert_gate": True,
+                  "renormalize": False},
+    "deepseek-v3": {  # group-limited choice on biased sigmoid scores, normalised then scaled
+        "router_scoring": "sigmoid", "topk_method": "group_top2_sum", "n_group": 4, "topk_group": 2,
+        "selection_bias": True, "routed_scaling_factor": 2.5, "num_shared_experts": 1,
+        "shared_intermediate_size": 40,
+    },
+    "phimoe": {"router_scoring": "sparsemixer", "renormalize": False},
+}  # fmt: skip
 
 
 def routed(spec, tokens, seed, forced=None):
     weights = random_weights(spec, seed=seed)
     x = torch.randn(tokens, spec.hidden_size, generator=torch.Generator().manual_seed(seed + 1))
     x = x.to(torch_dtype(spec.act_dtype))
-    ids, topk_weights = route(router_scores(x, weights.router, spec), spec, forced)
+    ids, topk_weights = route_tokens(x, weights, spec, forced)
     return x, weights, ids, topk_weights
 
 

@@ -177,7 +177,7 @@ def test_dry_run_shows_every_field_with_its_origin_and_allocates_nothing(tmp_pat
         ("hidden_size", "hidden_size"),
         ("num_experts", "num_local_experts"),
         ("top_k", "num_experts_per_tok"),
-        ("renormalize", "Mixtral renormalises over the top-k"),
+        ("renormalize", "renormalised over the top-k (Mixtral)"),
         ("weight_dtype", "torch_dtype"),
         ("activation", "hidden_act (absent: silu)"),
         ("gated", "default"),

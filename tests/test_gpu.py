@@ -17,7 +17,7 @@ from moecap_kernels.counters import CountAccumulator
 from moecap_kernels.dtypes import torch_dtype
 from moecap_kernels.kernels.align import align_tokens, align_tokens_torch
 from moecap_kernels.reference import reference_forward, relative_error
-from moecap_kernels.routing import parse_routing, route, router_scores, synthetic_ids
+from moecap_kernels.routing import parse_routing, route_tokens, synthetic_ids
 from moecap_kernels.spec import MoESpec, load_preset
 from moecap_kernels.weights import random_weights
 
@@ -38,7 +38,7 @@ def setup(layer: str, dtype: str, tokens: int, seed: int = 0):
     weights = random_weights(spec, CUDA, seed=seed)
     gen = torch.Generator(device=CUDA).manual_seed(seed + 1)
     x = torch.randn(tokens, spec.hidden_size, generator=gen, device=CUDA).to(torch_dtype(dtype))
-    ids, w = route(router_scores(x, weights.router, spec), spec)
+    ids, w = route_tokens(x, weights, spec)
     return spec, weights, x, ids, w
 
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from moecap_kernels.errors import UserError
 from moecap_kernels.hf_config import read_hf_config, spec_from_hf_config
 from moecap_kernels.spec import MoESpec, list_presets, load_preset
-from tests.helpers import spec_shape
+from tests.helpers import spec_layer, spec_shape
 
 Config = dict[str, Any]
 
@@ -76,6 +76,10 @@ def deepseek(model_type: str, architecture: str) -> Callable[[MoESpec], Config]:
             "num_experts_per_tok": s.top_k,
             "scoring_func": s.router_scoring,
             "norm_topk_prob": s.renormalize,
+            "n_group": s.n_group,
+            "topk_group": s.topk_group,
+            "routed_scaling_factor": s.routed_scaling_factor,
+            **({"topk_method": "group_limited_greedy"} if s.topk_method == "group_max" else {}),
         }
 
     return write
@@ -91,7 +95,7 @@ def dbrx(s: MoESpec) -> Config:
             "ffn_hidden_size": s.intermediate_size,
             "moe_num_experts": s.num_experts,
             "moe_top_k": s.top_k,
-            "moe_normalize_expert_weights": 1,
+            "moe_normalize_expert_weights": s.norm_p if s.renormalize else None,
         },
     }
 
@@ -143,8 +147,7 @@ def test_every_preset_round_trips_through_its_family_layout(tmp_path: Path, name
     assert name in PRESET_LAYOUT, f"add preset {name!r} to PRESET_LAYOUT"
     preset = load_preset(name)
     spec = spec_from_hf_config(write_config(tmp_path / name, PRESET_LAYOUT[name](preset)))
-    assert spec_shape(spec) == spec_shape(preset)
-    assert (spec.gated, spec.activation) == (preset.gated, preset.activation)
+    assert spec_layer(spec) == spec_layer(preset)
     assert spec.name == name and spec.weight_dtype == spec.act_dtype == "bfloat16"
 
 
@@ -223,7 +226,7 @@ REAL = {
             "experts_per_token": 4,
             "swiglu_limit": 7.0,
         },
-        (2880, 2880, 128, 4, 0, 0, "softmax", True),
+        (2880, 2880, 128, 4, 0, 0, "softmax_topk", False),
     ),
     "architectures-only": (
         {
@@ -284,10 +287,40 @@ def _deepseek_base() -> Config:
     return PRESET_LAYOUT["deepseek-v3"](load_preset("deepseek-v3"))
 
 
+def _v2_base() -> Config:
+    return PRESET_LAYOUT["deepseek-v2"](load_preset("deepseek-v2"))
+
+
 BAD_CONFIGS: dict[str, tuple[Any, str]] = {
     "json-array": ([1, 2, 3], "JSON object"),
     "json-string": ("mixtral", "JSON object"),
-    "unknown-moe-family": ({"model_type": "jamba", "num_experts": 16, "hidden_size": 8}, "unsupported"),
+    "unknown-moe-family": ({"model_type": "cohere2_moe", "num_experts": 16, "hidden_size": 8}, "unsupported"),
+    "longcat-zero-experts": ({"model_type": "longcat_flash", "n_routed_experts": 512}, "zero-computation"),
+    "jetmoe": ({"model_type": "jetmoe", "num_local_experts": 8}, "mixture-of-attention"),
+    "deepseek-v4-hash": ({"model_type": "deepseek_v4", "n_routed_experts": 256}, "hash routing"),
+    "ernie-shared-bias": (
+        {
+            "model_type": "ernie4_5_moe",
+            "hidden_size": 64,
+            "moe_intermediate_size": 32,
+            "moe_num_experts": 8,
+            "moe_k": 2,
+            "use_bias": True,
+        },
+        "use_bias",
+    ),
+    "v2-unknown-method": ({**_v2_base(), "topk_method": "noaux_tc"}, "topk_method"),
+    "sparsemixer-eps": (
+        {
+            "model_type": "phimoe",
+            "hidden_size": 8,
+            "intermediate_size": 8,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "router_jitter_noise": -1,
+        },
+        "router_jitter",
+    ),
     "dense-llama": ({"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008}, "dense"),
     "dense-no-type": ({"hidden_size": 4096}, "dense"),
     "dense-one-expert": ({**_base(), "num_local_experts": 1}, "dense"),
@@ -318,7 +351,7 @@ BAD_CONFIGS: dict[str, tuple[Any, str]] = {
     "negative-shared": ({**_deepseek_base(), "n_shared_experts": -1}, "n_shared_experts"),
     "top-k-exceeds-experts": ({**_base(), "num_experts_per_tok": 9}, "top_k"),
     "bad-norm-flag": ({**_deepseek_base(), "norm_topk_prob": "yes"}, "norm_topk_prob"),
-    "bad-scoring": ({**_deepseek_base(), "scoring_func": "sqrtsoftplus"}, "scoring_func"),
+    "bad-scoring": ({**_v2_base(), "scoring_func": "sigmoid"}, "scoring_func"),
     "bad-activation": ({**_base(), "hidden_act": "relu"}, "relu"),
 }
 
@@ -426,7 +459,7 @@ def test_origins_say_which_key_and_which_default(tmp_path: Path) -> None:
     _, origins = read_hf_config(write_config(tmp_path, config))
     assert origins["num_experts"] == "num_local_experts"
     assert origins["activation"] == "hidden_act (absent: silu)"
-    assert origins["renormalize"] == "Mixtral renormalises over the top-k"
+    assert origins["renormalize"] == "renormalised over the top-k (Mixtral)"
     assert (
         origins["weight_dtype"].startswith("default bfloat16") and "float8_e4m3fn" in origins["weight_dtype"]
     )
@@ -437,3 +470,305 @@ def test_origins_say_which_key_and_which_default(tmp_path: Path) -> None:
     assert ds["shared_intermediate_size"].startswith("moe_intermediate_size")
     _, db = read_hf_config(write_config(tmp_path, dbrx(load_preset("dbrx"))))
     assert db["top_k"] == "ffn_config.moe_top_k" and db["activation"].startswith("ffn_config.ffn_act_fn.name")
+
+
+# --- every family, in the keys its configs use (Hub files and transformers 5's save_pretrained) ---
+
+BASE = {"hidden_size": 64, "num_experts_per_tok": 2}
+FAMILY_CASES: dict[str, tuple[Config, dict[str, Any]]] = {
+    "qwen3-moe saved by transformers 5": (
+        {
+            **BASE,
+            "model_type": "qwen3_moe",
+            "moe_intermediate_size": 32,
+            "num_local_experts": 8,
+            "norm_topk_prob": True,
+        },
+        {"num_experts": 8, "renormalize": True, "num_shared_experts": 0},
+    ),
+    "qwen3-next": (
+        {
+            **BASE,
+            "model_type": "qwen3_next",
+            "moe_intermediate_size": 32,
+            "num_experts": 8,
+            "shared_expert_intermediate_size": 48,
+        },
+        {
+            "renormalize": True,
+            "num_shared_experts": 1,
+            "shared_intermediate_size": 48,
+            "shared_expert_gate": True,
+        },
+    ),
+    "qwen3-vl-moe (text_config)": (
+        {
+            "model_type": "qwen3_vl_moe",
+            "text_config": {**BASE, "moe_intermediate_size": 32, "num_experts": 8},
+        },
+        {"num_experts": 8, "renormalize": True},
+    ),
+    "qwen3-omni-moe (thinker_config.text_config)": (
+        {
+            "model_type": "qwen3_omni_moe",
+            "thinker_config": {
+                "text_config": {
+                    **BASE,
+                    "moe_intermediate_size": 32,
+                    "num_experts": 8,
+                    "norm_topk_prob": False,
+                }
+            },
+        },
+        {"num_experts": 8, "renormalize": False},
+    ),
+    "qwen3.5-moe (text_config)": (
+        {
+            "model_type": "qwen3_5_moe",
+            "text_config": {
+                **BASE,
+                "model_type": "qwen3_5_moe_text",
+                "moe_intermediate_size": 32,
+                "num_experts": 8,
+                "shared_expert_intermediate_size": 16,
+            },
+        },
+        {"renormalize": True, "shared_expert_gate": True, "shared_intermediate_size": 16},
+    ),
+    "minimax": (
+        {**BASE, "model_type": "minimax", "intermediate_size": 32, "num_local_experts": 4},
+        {"num_experts": 4, "renormalize": True},
+    ),
+    "flex-olmo": (
+        {
+            **BASE,
+            "model_type": "flex_olmo",
+            "intermediate_size": 32,
+            "num_experts": 4,
+            "norm_topk_prob": False,
+        },
+        {"renormalize": False},
+    ),
+    "phimoe": (
+        {
+            **BASE,
+            "model_type": "phimoe",
+            "intermediate_size": 32,
+            "num_local_experts": 4,
+            "router_jitter_noise": 0.02,
+        },
+        {"router_scoring": "sparsemixer", "sparsemixer_eps": 0.02, "top_k": 2, "renormalize": False},
+    ),
+    "deepseek-v2 group-limited": (
+        {
+            **BASE,
+            "model_type": "deepseek_v2",
+            "moe_intermediate_size": 32,
+            "n_routed_experts": 8,
+            "n_shared_experts": 2,
+            "topk_method": "group_limited_greedy",
+            "n_group": 4,
+            "topk_group": 2,
+            "routed_scaling_factor": 16.0,
+        },
+        {
+            "topk_method": "group_max",
+            "n_group": 4,
+            "topk_group": 2,
+            "routed_scaling_factor": 16.0,
+            "num_shared_experts": 2,
+            "shared_intermediate_size": 32,
+            "renormalize": False,
+        },
+    ),
+    "glm4-moe": (
+        {
+            **BASE,
+            "model_type": "glm4_moe",
+            "moe_intermediate_size": 32,
+            "n_routed_experts": 8,
+            "n_shared_experts": 1,
+        },
+        {"topk_method": "group_top2_sum", "selection_bias": True, "n_group": 1, "routed_scaling_factor": 1.0},
+    ),
+    "glm4v-moe (text_config)": (
+        {
+            "model_type": "glm4v_moe",
+            "text_config": {**BASE, "moe_intermediate_size": 32, "n_routed_experts": 8},
+        },
+        {"selection_bias": True, "num_shared_experts": 1},
+    ),
+    "dots1": (
+        {
+            **BASE,
+            "model_type": "dots1",
+            "moe_intermediate_size": 32,
+            "n_routed_experts": 8,
+            "n_shared_experts": 2,
+        },
+        {"renormalize": False, "num_shared_experts": 2, "selection_bias": True},
+    ),
+    "kimi-linear (its own key names)": (
+        {
+            "model_type": "kimi_linear",
+            "hidden_size": 64,
+            "moe_intermediate_size": 32,
+            "num_experts": 8,
+            "num_experts_per_token": 2,
+            "num_expert_group": 2,
+            "topk_group": 1,
+            "moe_renormalize": False,
+            "num_shared_experts": 1,
+        },
+        {"n_group": 2, "topk_group": 1, "renormalize": False, "routed_scaling_factor": 2.446},
+    ),
+    "bailing-hybrid": (
+        {
+            **BASE,
+            "model_type": "bailing_hybrid",
+            "moe_intermediate_size": 32,
+            "num_experts": 16,
+            "n_group": 8,
+            "topk_group": 4,
+        },
+        {"n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5},
+    ),
+    "dbrx p-norm": (
+        {
+            "model_type": "dbrx",
+            "d_model": 64,
+            "ffn_config": {
+                "ffn_hidden_size": 32,
+                "moe_num_experts": 4,
+                "moe_top_k": 2,
+                "moe_normalize_expert_weights": 2,
+            },
+        },
+        {"norm_p": 2.0, "renormalize": True},
+    ),
+    "dbrx no normalisation": (
+        {
+            "model_type": "dbrx",
+            "d_model": 64,
+            "ffn_config": {
+                "ffn_hidden_size": 32,
+                "moe_num_experts": 4,
+                "moe_top_k": 2,
+                "moe_normalize_expert_weights": None,
+            },
+        },
+        {"renormalize": False},
+    ),
+    "gpt-oss": (
+        {
+            **BASE,
+            "model_type": "gpt_oss",
+            "intermediate_size": 32,
+            "num_local_experts": 4,
+            "swiglu_limit": 5.0,
+        },
+        {
+            "activation": "swiglu_oai",
+            "swiglu_limit": 5.0,
+            "swiglu_alpha": 1.702,
+            "router_bias": True,
+            "expert_bias": True,
+            "router_scoring": "softmax_topk",
+        },
+    ),
+    "llama4 (text_config)": (
+        {
+            "model_type": "llama4",
+            "text_config": {
+                **BASE,
+                "intermediate_size": 32,
+                "num_local_experts": 4,
+                "num_experts_per_tok": 1,
+            },
+        },
+        {
+            "weights_on_input": True,
+            "router_scoring": "sigmoid",
+            "renormalize": False,
+            "num_shared_experts": 1,
+            "shared_intermediate_size": 32,
+            "top_k": 1,
+        },
+    ),
+    "granitemoe": (
+        {**BASE, "model_type": "granitemoe", "intermediate_size": 32, "num_local_experts": 4},
+        {"router_scoring": "softmax_topk", "num_shared_experts": 0},
+    ),
+    "granitemoeshared": (
+        {
+            **BASE,
+            "model_type": "granitemoeshared",
+            "intermediate_size": 32,
+            "num_local_experts": 4,
+            "shared_intermediate_size": 48,
+        },
+        {"num_shared_experts": 1, "shared_intermediate_size": 48},
+    ),
+    "granitemoehybrid (shared MLP by default)": (
+        {**BASE, "model_type": "granitemoehybrid", "intermediate_size": 32, "num_local_experts": 4},
+        {"num_shared_experts": 1, "shared_intermediate_size": 1024},
+    ),
+    "hunyuan (top-k listed per layer)": (
+        {
+            "model_type": "hunyuan_v1_moe",
+            "hidden_size": 64,
+            "intermediate_size": 32,
+            "num_experts": 8,
+            "moe_topk": [2, 2, 2],
+        },
+        {"top_k": 2, "num_shared_experts": 1, "shared_intermediate_size": 32, "renormalize": True},
+    ),
+    "ernie-4.5-moe": (
+        {
+            "model_type": "ernie4_5_moe",
+            "hidden_size": 64,
+            "moe_intermediate_size": 32,
+            "moe_num_experts": 8,
+            "moe_k": 2,
+            "moe_num_shared_experts": 2,
+        },
+        {
+            "selection_bias": True,
+            "renormalize": True,
+            "num_shared_experts": 2,
+            "shared_intermediate_size": 32,
+        },
+    ),
+    "jamba": (
+        {**BASE, "model_type": "jamba", "intermediate_size": 32, "num_experts": 4},
+        {"renormalize": False},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(FAMILY_CASES))
+def test_each_family_reads_its_semantics(tmp_path: Path, case: str) -> None:
+    config, expected = FAMILY_CASES[case]
+    spec, origins = read_hf_config(write_config(tmp_path, config))
+    assert {k: getattr(spec, k) for k in expected} == expected
+    assert all(origins[k] for k in expected)
+
+
+@pytest.mark.parametrize(
+    ("quantization_config", "described"),
+    [
+        (
+            {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]},
+            "fp8 (e4m3 weights with 128×128",
+        ),
+        ({"quant_method": "mxfp4", "modules_to_not_convert": []}, "mxfp4 (e2m1 with e8m0 scales per 32"),
+        ({"quant_method": "gptq", "bits": 4, "group_size": 128}, "gptq (4 bits, 128 group_size)"),
+    ],
+)
+def test_quantization_config_is_stated(tmp_path: Path, quantization_config: Config, described: str) -> None:
+    config = {**mixtral(load_preset("mixtral-8x7b")), "quantization_config": quantization_config}
+    spec, origins = read_hf_config(write_config(tmp_path, config))
+    assert (
+        spec.checkpoint_format.startswith(described) and origins["checkpoint_format"] == "quantization_config"
+    )
+    assert spec.weight_dtype == "bfloat16"  # what is profiled until quantized experts exist

@@ -11,7 +11,14 @@ from moecap_kernels.counters import CountAccumulator, Counts
 from moecap_kernels.metrics import Traffic, Work, load_imbalance, traffic, utilization, work
 from moecap_kernels.spec import MoESpec, load_preset
 
-PRESETS = ["mixtral-8x7b", "qwen1.5-moe-a2.7b", "deepseek-v3", "olmoe-1b-7b", "deepseek-v2-lite"]
+PRESETS = [
+    "mixtral-8x7b",
+    "qwen1.5-moe-a2.7b",
+    "deepseek-v3",
+    "olmoe-1b-7b",
+    "deepseek-v2-lite",
+    "gpt-oss-20b",
+]
 
 
 def by_hand(name: str, ids: list[list[int]]):
@@ -32,10 +39,16 @@ def by_hand(name: str, ids: list[list[int]]):
             per_expert[expert] += 1
     activated = sum(1 for n in per_expert if n > 0)
     p_e, p_s = 3 * h * f, 3 * h * fs
-    bytes_ = activated * p_e * b + n_shared * p_s * b + e * h * b + 2 * tokens * h * b
-    flops = sum(n * 2 * p_e for n in per_expert) + tokens * n_shared * 2 * p_s + 2 * tokens * h * e
-    dense_bytes = e * p_e * b + n_shared * p_s * b + e * h * b + 2 * tokens * h * b
-    dense_flops = tokens * e * 2 * p_e + tokens * n_shared * 2 * p_s + 2 * tokens * h * e
+    bias_e = (2 * f + h) if s.expert_bias else 0  # gate/up bias 2F and down bias H per expert
+    router = e * h + (e if s.router_bias else 0)
+    correction = 4 * e if s.selection_bias else 0  # float32 correction bias, read to choose
+    gate = n_shared * h if s.shared_expert_gate else 0  # one gate vector per shared expert
+    always = n_shared * p_s * b + router * b + correction + gate * b + 2 * tokens * h * b
+    bytes_ = activated * (p_e + bias_e) * b + always
+    dense_bytes = e * (p_e + bias_e) * b + always
+    always_flops = tokens * n_shared * 2 * p_s + 2 * tokens * h * e + 2 * tokens * gate
+    flops = sum(n * 2 * p_e for n in per_expert) + always_flops
+    dense_flops = tokens * e * 2 * p_e + always_flops
     return s, activated, per_expert, bytes_, flops, dense_bytes, dense_flops
 
 

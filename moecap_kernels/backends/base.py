@@ -18,17 +18,56 @@ from moecap_kernels.weights import MoEWeights
 
 
 def activate(h_in: torch.Tensor, spec: MoESpec) -> torch.Tensor:
-    """act(gate) * up for gated experts (h_in holds [gate | up] along the last dim), else act(h_in)."""
-    act = F.silu if spec.activation == "silu" else F.gelu
+    """act(gate) * up for gated experts (h_in holds [gate | up] along the last dim), else act(h_in).
+
+    swiglu_oai (gpt-oss): gate clamped from above and up to ±limit, then (up + 1) · gate · σ(α · gate).
+    """
+    if spec.activation == "swiglu_oai":
+        gate, up = h_in.chunk(2, dim=-1)
+        gate = gate.clamp(max=spec.swiglu_limit)
+        up = up.clamp(-spec.swiglu_limit, spec.swiglu_limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * spec.swiglu_alpha))
+    act = {
+        "silu": F.silu,
+        "gelu": F.gelu,
+        "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+    }[spec.activation]
     if not spec.gated:
         return act(h_in)
     gate, up = h_in.chunk(2, dim=-1)
     return act(gate) * up
 
 
-def expert_mlp(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, spec: MoESpec) -> torch.Tensor:
-    """One expert on rows ``x`` [n, H]: down(act(gate x) * up x), in x's dtype."""
-    return activate(x @ w_in.T, spec) @ w_out.T
+# mlp(i, rows) -> expert i applied to rows [n, H]: how a backend runs one expert's GEMMs.
+ExpertMLP = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def expert_mlp(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    spec: MoESpec,
+    b_in: torch.Tensor | None = None,
+    b_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One expert on rows ``x`` [n, H]: down(act(gate x + b) * (up x + b)) + b, in x's dtype."""
+    return F.linear(activate(F.linear(x, w_in, b_in), spec), w_out, b_out)
+
+
+def routed_mlp(weights: MoEWeights, spec: MoESpec) -> ExpertMLP:
+    """Routed expert e on rows, with its biases when the spec has them (torch GEMMs)."""
+    if not spec.expert_bias:
+        return lambda e, rows: expert_mlp(rows, weights.w_in[e], weights.w_out[e], spec)
+    return lambda e, rows: expert_mlp(
+        rows, weights.w_in[e], weights.w_out[e], spec, weights.w_in_bias[e], weights.w_out_bias[e]
+    )
+
+
+def shared_weights(x: torch.Tensor, weights: MoEWeights, spec: MoESpec) -> torch.Tensor | None:
+    """[T, S] float32 scales of the shared experts: σ(x · shared_gate[s]) when gated, else None (1)."""
+    if not spec.shared_expert_gate:
+        return None
+    return torch.sigmoid((x @ weights.shared_gate.T).float())
 
 
 @functools.lru_cache(maxsize=32)
@@ -41,23 +80,40 @@ def shared_routing(tokens: int, num_shared: int, device: torch.device) -> tuple[
     return ids, torch.ones((tokens, num_shared), dtype=torch.float32, device=device)
 
 
-# mlp(i, rows) -> expert i applied to rows [n, H]: how a backend runs one expert's GEMMs.
-ExpertMLP = Callable[[int, torch.Tensor], torch.Tensor]
+def shared_as_routing(
+    x: torch.Tensor, weights: MoEWeights, spec: MoESpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared experts as a routing for kernels that take one: every token to each, weighted by its gate."""
+    ids, ones = shared_routing(x.shape[0], spec.num_shared_experts, x.device)
+    gates = shared_weights(x, weights, spec)
+    return ids, ones if gates is None else gates
 
 
 def add_shared_experts(
     y: torch.Tensor, x: torch.Tensor, weights: MoEWeights, spec: MoESpec, mlp: ExpertMLP | None = None
 ) -> torch.Tensor:
-    """y += every shared expert applied to every token (shared experts are always active).
+    """y += every shared expert applied to every token (scaled by its gate when the spec has one).
 
     ``mlp`` runs shared expert i (default: ``expert_mlp`` on ``weights.shared_w_in[i]`` and ``_out``).
     """
+    gates = shared_weights(x, weights, spec)
     for s in range(spec.num_shared_experts):
         if mlp is None:
-            y += expert_mlp(x, weights.shared_w_in[s], weights.shared_w_out[s], spec)
+            out = expert_mlp(x, weights.shared_w_in[s], weights.shared_w_out[s], spec)
         else:
-            y += mlp(s, x)
+            out = mlp(s, x)
+        y += out if gates is None else out * gates[:, s, None].to(out.dtype)
     return y
+
+
+def weighted_expert(
+    mlp: ExpertMLP, e: int, rows: torch.Tensor, scale: torch.Tensor, spec: MoESpec
+) -> torch.Tensor:
+    """Expert e on rows with their routing weights ``scale`` [n, 1] (in the rows' dtype): on the
+    output, or on the input when the spec says so (Llama 4)."""
+    if spec.weights_on_input:
+        return mlp(e, rows * scale)
+    return mlp(e, rows) * scale
 
 
 class Backend(ABC):
@@ -68,6 +124,10 @@ class Backend(ABC):
 
     def availability(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """None when this backend runs on ``device`` with ``dtype``, else one line saying why not."""
+        return None
+
+    def supports(self, spec: MoESpec) -> str | None:
+        """None when this backend computes every feature of ``spec``'s layer, else which it lacks."""
         return None
 
     def prepare(self, weights: MoEWeights, spec: MoESpec, tokens: int) -> None:  # noqa: B027 (optional hook)

@@ -23,13 +23,13 @@ from collections.abc import Callable
 import torch
 
 from moecap_kernels.backends import register
-from moecap_kernels.backends.base import Backend, ExpertMLP, activate, add_shared_experts, shared_routing
+from moecap_kernels.backends.base import Backend, ExpertMLP, activate, add_shared_experts, shared_as_routing
 from moecap_kernels.backends.grouped import grouped_experts
 from moecap_kernels.spec import MoESpec
 from moecap_kernels.weights import MoEWeights
 
 OP_NAME = "moe_experts_cpu"
-ACTIVATION_CODES = {"silu": 0, "gelu": 1}  # the op's codes; "gelu" is the erf form, as F.gelu
+ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}  # the op's; "gelu" is the erf form, as F.gelu
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # The op runs while an expert's routed activation rows — T·k / E rows on average, of max(H, F)
 # elements — take at most this many bytes; beyond, GEMMs on packed weights are as fast or faster.
@@ -195,6 +195,18 @@ class CpuFusedBackend(Backend):
         if uses_gemms(tokens, spec) or not _contiguous(weights):
             packed_experts(weights)
 
+    def supports(self, spec: MoESpec) -> str | None:
+        missing = [
+            feature
+            for feature, present in (
+                ("expert biases", spec.expert_bias),
+                (f"the {spec.activation} activation", spec.activation not in ACTIVATION_CODES),
+                ("routing weights on the input", spec.weights_on_input),
+            )
+            if present
+        ]
+        return f"cpu_fused does not compute {' or '.join(missing)} yet" if missing else None
+
     def availability(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if torch.device(device).type != "cpu":
             return "cpu_fused runs on a CPU only"
@@ -219,6 +231,6 @@ class CpuFusedBackend(Backend):
             return y
         if not use_fused_shared(tokens, spec):
             return add_shared_experts(y, x, weights, spec, mlp=gemm_mlps(weights, spec)[1])
-        ids, ones = shared_routing(tokens, spec.num_shared_experts, x.device)
-        y += fused_experts(x, weights.shared_w_in, weights.shared_w_out, ids, ones, spec)
+        ids, gates = shared_as_routing(x, weights, spec)
+        y += fused_experts(x, weights.shared_w_in, weights.shared_w_out, ids, gates, spec)
         return y

@@ -11,16 +11,25 @@ from __future__ import annotations
 import torch
 
 from moecap_kernels.backends import register
-from moecap_kernels.backends.base import Backend, ExpertMLP, activate, add_shared_experts, expert_mlp
+from moecap_kernels.backends.base import (
+    Backend,
+    ExpertMLP,
+    activate,
+    add_shared_experts,
+    routed_mlp,
+    weighted_expert,
+)
 from moecap_kernels.nvtx import nvtx_range
 from moecap_kernels.spec import MoESpec
 from moecap_kernels.weights import MoEWeights
 
 
-def _grouped_mm_usable(x: torch.Tensor) -> bool:
-    """torch._grouped_mm runs only where it was built to be fast: CUDA bf16 on sm90+."""
+def _grouped_mm_usable(x: torch.Tensor, spec: MoESpec) -> bool:
+    """torch._grouped_mm runs only where it was built to be fast: CUDA bf16 on sm90+; and here only
+    for experts without biases whose weight applies to their output."""
     return (
-        hasattr(torch, "_grouped_mm")
+        not (spec.expert_bias or spec.weights_on_input)
+        and hasattr(torch, "_grouped_mm")
         and x.is_cuda
         and x.dtype == torch.bfloat16
         and torch.cuda.get_device_capability(x.device) >= (9, 0)
@@ -37,7 +46,7 @@ def grouped_experts(
 ) -> torch.Tensor:
     """The routed experts only: Σ_j topk_weights[t, j] · expert_{topk_ids[t, j]}(x[t]), in x's dtype.
 
-    ``mlp`` runs expert e on its rows in the per-segment path (default: ``expert_mlp``).
+    ``mlp`` runs expert e on its rows in the per-segment path (default: ``routed_mlp``).
     """
     with nvtx_range("dispatch", x.device):
         flat_ids = topk_ids.reshape(-1)
@@ -47,7 +56,7 @@ def grouped_experts(
         counts = torch.zeros(spec.num_experts, dtype=torch.int64, device=x.device)
         counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
         ends = counts.cumsum(0)
-    if _grouped_mm_usable(x):
+    if _grouped_mm_usable(x, spec):
         with nvtx_range("experts", x.device):
             offs = ends.to(torch.int32)
             rows = x[token_of_row]
@@ -59,12 +68,11 @@ def grouped_experts(
     y = torch.zeros_like(x)
     active = counts.nonzero().flatten()
     spans = torch.stack([active, ends[active] - counts[active], ends[active]], dim=1)
+    mlp = mlp or routed_mlp(weights, spec)
     with nvtx_range("experts", x.device):
         for e, start, end in spans.tolist():  # one host read; activated experts only
             tokens = token_of_row[start:end]
-            rows = x[tokens]
-            out = expert_mlp(rows, weights.w_in[e], weights.w_out[e], spec) if mlp is None else mlp(e, rows)
-            y.index_add_(0, tokens, out * scale[start:end])
+            y.index_add_(0, tokens, weighted_expert(mlp, e, x[tokens], scale[start:end], spec))
     return y
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from moecap_kernels.backends import register
-from moecap_kernels.backends.base import Backend, add_shared_experts, expert_mlp
+from moecap_kernels.backends.base import Backend, add_shared_experts, routed_mlp, weighted_expert
 from moecap_kernels.nvtx import nvtx_range
 from moecap_kernels.spec import MoESpec
 from moecap_kernels.weights import MoEWeights
@@ -32,11 +32,11 @@ class LoopBackend(Backend):
             # mask[e, j, t] is True when token t's j-th choice is expert e.
             mask = torch.nn.functional.one_hot(topk_ids, spec.num_experts).permute(2, 1, 0)
             hit = (mask.sum(dim=(1, 2)) > 0).nonzero().flatten().tolist()
+        mlp = routed_mlp(weights, spec)
         with nvtx_range("experts", x.device):
             for e in hit:
                 slot, token = torch.where(mask[e])
-                out = expert_mlp(x[token], weights.w_in[e], weights.w_out[e], spec)
-                out = out * topk_weights[token, slot, None].to(out.dtype)
-                y.index_add_(0, token, out)
+                scale = topk_weights[token, slot, None].to(x.dtype)
+                y.index_add_(0, token, weighted_expert(mlp, e, x[token], scale, spec))
             add_shared_experts(y, x, weights, spec)
         return y

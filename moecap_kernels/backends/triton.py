@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from moecap_kernels.backends import register
-from moecap_kernels.backends.base import Backend, shared_routing
+from moecap_kernels.backends.base import Backend, shared_as_routing
 from moecap_kernels.nvtx import nvtx_range
 from moecap_kernels.spec import MoESpec
 from moecap_kernels.weights import MoEWeights
@@ -39,6 +39,18 @@ class TritonBackend(Backend):
         self.config = config  # a kernels.configs.KernelConfig, or None to choose per layer
         self.last_config: Any = None
         self._counters: torch.Tensor | None = None
+
+    def supports(self, spec: MoESpec) -> str | None:
+        missing = [
+            feature
+            for feature, present in (
+                ("expert biases", spec.expert_bias),
+                (f"the {spec.activation} activation", spec.activation not in ("silu", "gelu")),
+                ("routing weights on the input", spec.weights_on_input),
+            )
+            if present
+        ]
+        return f"triton does not compute {' or '.join(missing)} yet" if missing else None
 
     def availability(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if importlib.util.find_spec("triton") is None:
@@ -130,9 +142,9 @@ class TritonBackend(Backend):
             routed = fused_experts(xw, weights.w_in, weights.w_out, topk_ids, topk_weights, config, **options)
             shared = None
             if spec.num_shared_experts:
-                ids, ones = shared_routing(x.shape[0], spec.num_shared_experts, x.device)
+                ids, gates = shared_as_routing(x, weights, spec)
                 shared = fused_experts(
-                    xw, weights.shared_w_in, weights.shared_w_out, ids, ones, config, **options
+                    xw, weights.shared_w_in, weights.shared_w_out, ids, gates, config, **options
                 )
         with nvtx_range("combine", x.device):
             if self.deterministic:
