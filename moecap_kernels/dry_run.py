@@ -71,7 +71,7 @@ def print_plan(
     tokens = ", ".join(str(s.tokens) for s in request.scenarios)
     lines = [
         f"scenarios: {request.scenarios[0].phase}, T = {tokens}; routing {request.routing.describe()}; "
-        f"seed {request.seed}",
+        f"weights {request.weights_source}",
         f"backends: {', '.join(request.backends)}"
         + "".join(f"; not {name}: {why}" for name, why in skipped.items()),
         f"timing: {request.warmup} warm-up and {request.reps} timed forwards per row on {request.device}; "

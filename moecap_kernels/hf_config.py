@@ -42,6 +42,7 @@ EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "mo
 NESTED = {
     "qwen3_vl_moe": ("text_config",),
     "qwen3_omni_moe": ("thinker_config", "text_config"),
+    "qwen3_omni_moe_thinker": ("text_config",),
     "glm4v_moe": ("text_config",),
     "llama4": ("text_config",),
     "qwen3_5_moe": ("text_config",),
@@ -482,6 +483,7 @@ ARCHITECTURES = {
 TEXT_TYPES = {
     "qwen3_vl_moe": "qwen3_vl_moe_text",
     "qwen3_omni_moe": "qwen3_omni_moe_text",
+    "qwen3_omni_moe_thinker": "qwen3_omni_moe_text",
     "glm4v_moe": "glm4v_moe_text",
     "llama4": "llama4_text",
     "qwen3_5_moe": "qwen3_5_moe_text",

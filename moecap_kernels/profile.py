@@ -15,6 +15,7 @@ import re
 import shlex
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moecap_kernels import limits
@@ -110,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", type=text_arg, help=f"a shipped preset (--list-models); default {DEFAULT_MODEL}"
     )
     src.add_argument("--config", type=text_arg, help="a local Hugging Face config.json (or its folder)")
+    src.add_argument(
+        "--weights",
+        type=text_arg,
+        help="a local safetensors checkpoint folder: profile one of its layers with its real weights",
+    )
+    src.add_argument(
+        "--layer", type=integer(0, 1 << 20), help="with --weights: the MoE layer (default: the first one)"
+    )
     src.add_argument("--list-models", action="store_true", help="list the shipped presets and exit")
     src.add_argument("--dtype", type=text_arg, help="bfloat16 | float16 | float32 (default: the model's)")
     run = p.add_argument_group("scenario")
@@ -177,6 +186,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.model and args.config:
         raise UserError("give --model or --config, not both")
+    if args.weights is not None:
+        if args.model:
+            raise UserError(
+                "--weights reads its layer's shape from a config.json: give --config or none, not --model"
+            )
+        if not Path(args.weights).expanduser().is_dir():
+            raise UserError(f"--weights {args.weights}: not a folder")
+    elif args.layer is not None:
+        raise UserError("--layer picks a layer of --weights; give --weights too")
     if args.phase == "decode" and args.seq_len is not None:
         raise UserError("--seq-len applies to --phase prefill only")
     if args.phase == "prefill":
@@ -227,14 +245,32 @@ def resolve_spec(args: argparse.Namespace) -> tuple[MoESpec, dict[str, str]]:
     from moecap_kernels.spec import load_preset
 
     dtype = canonical_dtype(args.dtype) if args.dtype is not None else None
-    if args.config:
-        return read_hf_config(args.config, dtype)
+    if args.config or args.weights:
+        return read_hf_config(args.config or args.weights, dtype)
     name = args.model or DEFAULT_MODEL
     spec = load_preset(name)
     origins = {f.name: f"preset {name}" for f in fields(spec)}
     if dtype is None:
         return spec, origins
     return spec.with_dtype(dtype), {**origins, "weight_dtype": "--dtype", "act_dtype": "--dtype"}
+
+
+def resolve_layer(args: argparse.Namespace) -> tuple[Path | None, int]:
+    """(the checkpoint folder, the MoE layer to load from it), or (None, 0) for random weights."""
+    if args.weights is None:
+        return None, 0
+    from moecap_kernels.checkpoint import moe_layers, open_checkpoint
+
+    folder = Path(args.weights).expanduser()
+    layers = moe_layers(open_checkpoint(folder))
+    if not layers:
+        raise UserError(f"--weights {folder}: no MoE layer found (no router tensor under a known name)")
+    if args.layer is None:
+        return folder, layers[0]
+    if args.layer not in layers:
+        shown = ", ".join(map(str, layers[:12])) + (" ..." if len(layers) > 12 else "")
+        raise UserError(f"--layer {args.layer}: not an MoE layer of {folder}; its MoE layers are {shown}")
+    return folder, args.layer
 
 
 def resolve_scenarios(args: argparse.Namespace, spec: MoESpec) -> tuple[Scenario, ...]:
@@ -425,6 +461,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         list_backends(console, device)
         return 0
     spec, origins = resolve_spec(args)
+    checkpoint, layer = resolve_layer(args)
     scenarios = resolve_scenarios(args, spec)
     backends, skipped = resolve_backends(args.backend, device, spec)
     warmup_default, reps_default = DEFAULT_REPS[device.type]
@@ -438,6 +475,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         warmup=warmup_default if args.warmup is None else args.warmup,
         reps=reps_default if args.reps is None else args.reps,
         check_accuracy=not args.no_accuracy,
+        checkpoint=checkpoint,
+        layer=layer,
     )
     info = hardware.detect_device(device)
     if args.dry_run:

@@ -34,6 +34,7 @@ def record(row: RowResult) -> dict[str, Any]:
         "seq_len": row.scenario.seq_len if row.scenario.phase == "prefill" else None,
         "tokens": row.tokens,
         "routing": row.routing,
+        "weights": row.weights_source,
         "spec": row.spec.to_dict(),
         "counts": {
             "tokens_per_expert": list(counts.tokens_per_expert),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,6 +54,22 @@ class ProfileRequest:
     warmup: int = 3
     reps: int = 20
     check_accuracy: bool = True
+    checkpoint: Path | None = None  # real weights: this layer of this safetensors folder; else random
+    layer: int = 0
+
+    @property
+    def weights_source(self) -> str:
+        if self.checkpoint is None:
+            return f"random (seed {self.seed})"
+        return f"layer {self.layer} of {self.checkpoint}"
+
+    def layer_weights(self) -> MoEWeights:
+        """The layer's weights on the request's device: loaded from the checkpoint, or random."""
+        if self.checkpoint is None:
+            return random_weights(self.spec, self.device, seed=self.seed)
+        from moecap_kernels.checkpoint import load_layer
+
+        return load_layer(self.checkpoint, self.spec, self.layer, self.device)
 
 
 @dataclass(frozen=True)
@@ -65,6 +82,7 @@ class RowResult:
     backend: str
     device: DeviceInfo
     routing: str
+    weights_source: str  # "random (seed S)" or "layer N of FOLDER"
     counts: Counts  # per forward
     bytes: Traffic
     flops: Work
@@ -230,6 +248,7 @@ class BackendRun:
             backend=self.name,
             device=info,
             routing=self.request.routing.describe(),
+            weights_source=self.request.weights_source,
             counts=counts,
             bytes=bytes_,
             flops=flops,
@@ -284,9 +303,8 @@ def run_profile(
     on_row: Callable[[RowResult], None] = lambda row: None,
 ) -> list[RowResult]:
     """Every (scenario, backend) of ``request``, in order; ``on_row`` is called after each."""
-    spec = request.spec
     check_request_fits(request, info)
-    weights = random_weights(spec, request.device, seed=request.seed)
+    weights = request.layer_weights()
     flusher = functools.cache(lambda: CacheFlusher(info.llc_bytes, request.device))  # made when first needed
     results = []
     for scenario in request.scenarios:

@@ -162,6 +162,11 @@ BAD = {
     "good json, bad csv": (lambda p: ["--json", str(p / "ok.json"), "--csv", str(p / "no" / "x.csv")],
                            "x.csv"),
     "cache folder is a file": (lambda p: ["--model", "olmoe-1b-7b"], "is a file"),
+    "weights not a folder": (lambda p: ["--weights", str(p / "nowhere")], "not a folder"),
+    "weights with a preset": (lambda p: ["--weights", str(p), "--model", "olmoe-1b-7b"], "not --model"),
+    "layer without weights": (lambda p: ["--layer", "3"], "give --weights"),
+    "weights without tensors": (lambda p: ["--weights", str(p), "--config", _config(p, "w")],
+                                "no .safetensors"),
 }  # fmt: skip
 if os.geteuid() != 0:  # root writes into a read-only folder all the same
     BAD["read-only output folder"] = (
