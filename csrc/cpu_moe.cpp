@@ -17,14 +17,20 @@
 //
 // Schema:
 //   moe_experts_cpu(Tensor x, Tensor w_in, Tensor w_out, Tensor topk_ids, Tensor topk_weights,
-//                   bool gated, int activation, int max_isa=-1) -> Tensor
+//                   bool gated, int activation, int max_isa=-1, Tensor? b_in=None, Tensor? b_out=None,
+//                   float swiglu_alpha=1.702, float swiglu_limit=7.0, bool weights_on_input=False) -> Tensor
 //   x [T, H]; w_in [E, F_in, H] with F_in = 2F when gated (gate rows, then up rows), else F;
 //   w_out [E, H, F]; topk_ids int64 or int32 [T, k], every id in [0, E); topk_weights [T, k], any
 //   floating dtype (used in fp32). x, w_in and w_out share one dtype: bfloat16, float16 or float32.
 //   Accumulation is fp32; the result [T, H] has x's dtype. With bfloat16 the intermediate
 //   act(gate) * up is rounded to bfloat16 before the down projection (as a torch bf16 MLP does);
 //   float16 and float32 keep it in fp32.
-//   activation: 0 silu, 1 gelu with erf (torch.nn.functional.gelu's default), 2 gelu tanh approx.
+//   activation: 0 silu, 1 gelu with erf (torch.nn.functional.gelu's default), 2 gelu tanh approx,
+//   3 gpt-oss' clamped SwiGLU: (clamp(up, ±limit) + 1) · g · σ(alpha · g) with g = min(gate, limit).
+//   b_in [E, F_in], b_out [E, H]: the experts' biases (x's dtype), added to the fp32 dot products.
+//   weights_on_input: the routing weight scales the expert's input (Llama 4) instead of its output;
+//   the up-phase dot products are linear in the input, so they are scaled before the bias and the
+//   activation, and the down phase adds with weight 1.
 //   max_isa caps the code path, for tests: -1 best available, 0 portable scalar, 1 AVX2+FMA,
 //   2 AVX-512 (F/BW/VL), 3 AVX-512 BF16 (vdpbf16ps; bfloat16 only, else same as 2).
 //   moe_experts_cpu_info() -> int[]: [best isa level of this CPU, 1 if built with OpenMP else 0].
@@ -45,6 +51,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -69,7 +76,7 @@ using bf16 = c10::BFloat16;
 using half = c10::Half;
 
 enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
-enum Activation : int64_t { kSilu = 0, kGeluErf = 1, kGeluTanh = 2 };
+enum Activation : int64_t { kSilu = 0, kGeluErf = 1, kGeluTanh = 2, kSwigluOai = 3 };
 
 constexpr int kTokens = 4;  // routed rows per register tile (an expert with more: further passes)
 
@@ -308,11 +315,15 @@ struct Problem {
   int64_t T, H, F;
   bool gated;
   int64_t activation;
+  float alpha, limit;     // kSwigluOai's
+  bool weights_on_input;  // the routing weight scales the input (the up phase), not the output
+  const W* b_in;          // [E, F_in] or nullptr
+  const W* b_out;         // [E, H] or nullptr
   const Routing* routing;
   Blocking up, down;  // over the F rows of w_in (gate and up alike) and the H rows of w_out
 };
 
-inline float apply_activation(float v, int64_t activation) {
+inline float apply_activation(float v, int64_t activation) {  // the ungated ones
   switch (activation) {
     case kSilu: return v / (1.f + std::exp(-v));
     case kGeluErf: return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f));
@@ -323,6 +334,17 @@ inline float apply_activation(float v, int64_t activation) {
   }
 }
 
+// act(gate) * up (or act(gate) alone when not gated) for one intermediate value, in fp32.
+template <class W, class A>
+inline float glu(float gate, float up, const Problem<W, A>& p) {
+  if (p.activation == kSwigluOai) {
+    const float g = std::min(gate, p.limit), u = std::max(-p.limit, std::min(up, p.limit));
+    return (u + 1.f) * g / (1.f + std::exp(-p.alpha * g));
+  }
+  const float a = apply_activation(gate, p.activation);
+  return p.gated ? a * up : a;
+}
+
 // Up-phase unit: intermediate rows [f0, f0 + unit) of every activated expert.
 template <class K>
 void up_unit(const Problem<typename K::W, typename K::A>& p, int64_t f0, float* gate, float* up) {
@@ -331,7 +353,9 @@ void up_unit(const Problem<typename K::W, typename K::A>& p, int64_t f0, float* 
   const int64_t H = p.H, F = p.F, f1 = std::min(F, f0 + p.up.unit);
   const A* xrow[kTokens];
   for (size_t i = 0; i < rt.expert.size(); ++i) {
-    const auto* w = p.w_in + rt.expert[i] * (p.gated ? 2 * F : F) * H;
+    const int64_t f_in = p.gated ? 2 * F : F;
+    const auto* w = p.w_in + rt.expert[i] * f_in * H;
+    const auto* bias = p.b_in ? p.b_in + rt.expert[i] * f_in : nullptr;
     for (int64_t f = f0; f < f1; f += p.up.pass) {
       const int64_t nb = std::min(p.up.pass, f1 - f);
       for (int64_t c = rt.start[i]; c < rt.start[i + 1]; c += kTokens) {
@@ -341,9 +365,14 @@ void up_unit(const Problem<typename K::W, typename K::A>& p, int64_t f0, float* 
         if (p.gated) K::run_n(n, w + (F + f) * H, nb, H, xrow, up, w + (F + f1) * H);
         for (int t = 0; t < n; ++t) {
           A* dst = p.act + (c + t) * F + f;
+          const float scale = p.weights_on_input ? rt.weight[c + t] : 1.f;
           for (int64_t j = 0; j < nb; ++j) {
-            const float a = apply_activation(gate[j * n + t], p.activation);
-            dst[j] = static_cast<A>(p.gated ? a * up[j * n + t] : a);
+            float g = gate[j * n + t] * scale, u = p.gated ? up[j * n + t] * scale : 0.f;
+            if (bias) {
+              g += to_float(bias[f + j]);
+              if (p.gated) u += to_float(bias[F + f + j]);
+            }
+            dst[j] = static_cast<A>(glu(g, u, p));
           }
         }
       }
@@ -362,6 +391,7 @@ void down_unit(const Problem<typename K::W, typename K::A>& p, int64_t h0, float
   const A* xrow[kTokens];
   for (size_t i = 0; i < rt.expert.size(); ++i) {
     const W* w = p.w_out + rt.expert[i] * H * F;
+    const W* bias = p.b_out ? p.b_out + rt.expert[i] * H : nullptr;
     for (int64_t h = h0; h < h1; h += p.down.pass) {
       const int64_t nb = std::min(p.down.pass, h1 - h);
       for (int64_t c = rt.start[i]; c < rt.start[i + 1]; c += kTokens) {
@@ -370,8 +400,12 @@ void down_unit(const Problem<typename K::W, typename K::A>& p, int64_t h0, float
         K::run_n(n, w + h * F, nb, F, xrow, dots, w + h1 * F);
         for (int t = 0; t < n; ++t) {
           float* dst = acc + rt.token[c + t] * width + (h - h0);
-          const float wt = rt.weight[c + t];
-          for (int64_t j = 0; j < nb; ++j) dst[j] += wt * dots[j * n + t];
+          const float wt = p.weights_on_input ? 1.f : rt.weight[c + t];
+          if (bias) {
+            for (int64_t j = 0; j < nb; ++j) dst[j] += wt * (dots[j * n + t] + to_float(bias[h + j]));
+          } else {
+            for (int64_t j = 0; j < nb; ++j) dst[j] += wt * dots[j * n + t];
+          }
         }
       }
     }
@@ -414,9 +448,19 @@ void run_phases(const Problem<typename K::W, typename K::A>& p) {
   worker<K>(p, next, [] {});
 }
 
+// What surrounds an expert's two GEMMs: its activation, its biases, where its routing weight goes.
+struct Epilogue {
+  bool gated;
+  int64_t activation;
+  float alpha, limit;
+  bool weights_on_input;
+  const at::Tensor* b_in;   // or nullptr
+  const at::Tensor* b_out;  // or nullptr
+};
+
 template <class K>
 at::Tensor run_experts(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w_out, const Routing& rt,
-                       bool gated, int64_t activation) {
+                       const Epilogue& ep) {
   using W = typename K::W;
   using A = typename K::A;
   const int64_t T = x.size(0), H = x.size(1), F = w_out.size(2);
@@ -434,8 +478,24 @@ at::Tensor run_experts(const at::Tensor& x, const at::Tensor& w_in, const at::Te
   std::vector<A> act(static_cast<size_t>(std::max<int64_t>(slots * F, 1)));
   at::Tensor out = at::empty({T, H}, x.options());
   const int64_t elem = static_cast<int64_t>(sizeof(W)), threads = std::max(1, at::get_num_threads());
-  const Problem<W, A> p{w_in.data_ptr<W>(), w_out.data_ptr<W>(), xa, act.data(), out.data_ptr<W>(), T, H, F, gated,
-                        activation, &rt, blocking(F, H * elem, threads), blocking(H, F * elem, threads)};
+  const Problem<W, A> p{w_in.data_ptr<W>(),
+                        w_out.data_ptr<W>(),
+                        xa,
+                        act.data(),
+                        out.data_ptr<W>(),
+                        T,
+                        H,
+                        F,
+                        ep.gated,
+                        ep.activation,
+                        ep.alpha,
+                        ep.limit,
+                        ep.weights_on_input,
+                        ep.b_in ? ep.b_in->data_ptr<W>() : nullptr,
+                        ep.b_out ? ep.b_out->data_ptr<W>() : nullptr,
+                        &rt,
+                        blocking(F, H * elem, threads),
+                        blocking(H, F * elem, threads)};
   run_phases<K>(p);
   return out;
 }
@@ -485,8 +545,18 @@ void check_args(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w
               weights.sizes());
   TORCH_CHECK(at::isFloatingType(weights.scalar_type()), op, ": topk_weights must be floating, got ",
               weights.scalar_type());
-  TORCH_CHECK(activation >= kSilu && activation <= kGeluTanh, op,
-              ": activation must be 0 (silu), 1 (gelu erf) or 2 (gelu tanh), got ", activation);
+  TORCH_CHECK(activation >= kSilu && activation <= kSwigluOai, op,
+              ": activation must be 0 (silu), 1 (gelu erf), 2 (gelu tanh) or 3 (clamped SwiGLU), got ", activation);
+  TORCH_CHECK(activation != kSwigluOai || gated, op, ": the clamped SwiGLU needs gated experts");
+}
+
+void check_bias(const std::optional<at::Tensor>& b, const at::Tensor& x, int64_t E, int64_t n, const char* name) {
+  if (!b.has_value()) return;
+  TORCH_CHECK(b->device().is_cpu() && b->is_contiguous(), "moe_experts_cpu: ", name, " must be a contiguous CPU tensor");
+  TORCH_CHECK(b->scalar_type() == x.scalar_type(), "moe_experts_cpu: ", name, " must have x's dtype ",
+              x.scalar_type(), ", got ", b->scalar_type());
+  TORCH_CHECK(b->dim() == 2 && b->size(0) == E && b->size(1) == n, "moe_experts_cpu: ", name, " must be [E=", E,
+              ", ", n, "], got ", b->sizes());
 }
 
 template <class I>
@@ -545,28 +615,39 @@ Routing sort_by_expert(const at::Tensor& ids_t, const at::Tensor& weights_t, int
 
 template <class W>
 at::Tensor dispatch_float_act(int64_t isa, const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w_out,
-                              const Routing& rt, bool gated, int64_t activation) {
-  if (isa >= kAvx512) return run_experts<Kernel<W, float, kAvx512>>(x, w_in, w_out, rt, gated, activation);
-  if (isa == kAvx2) return run_experts<Kernel<W, float, kAvx2>>(x, w_in, w_out, rt, gated, activation);
-  return run_experts<Kernel<W, float, kScalar>>(x, w_in, w_out, rt, gated, activation);
+                              const Routing& rt, const Epilogue& ep) {
+  if (isa >= kAvx512) return run_experts<Kernel<W, float, kAvx512>>(x, w_in, w_out, rt, ep);
+  if (isa == kAvx2) return run_experts<Kernel<W, float, kAvx2>>(x, w_in, w_out, rt, ep);
+  return run_experts<Kernel<W, float, kScalar>>(x, w_in, w_out, rt, ep);
 }
 
 at::Tensor moe_experts_cpu(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w_out,
                            const at::Tensor& topk_ids, const at::Tensor& topk_weights, bool gated,
-                           int64_t activation, int64_t max_isa) {
+                           int64_t activation, int64_t max_isa, const std::optional<at::Tensor>& b_in,
+                           const std::optional<at::Tensor>& b_out, double swiglu_alpha, double swiglu_limit,
+                           bool weights_on_input) {
   check_args(x, w_in, w_out, topk_ids, topk_weights, gated, activation);
+  check_bias(b_in, x, w_in.size(0), w_in.size(1), "b_in");
+  check_bias(b_out, x, w_in.size(0), x.size(1), "b_out");
   const Routing rt = sort_by_expert(topk_ids, topk_weights, w_in.size(0));
   const int64_t isa = max_isa < 0 ? best_isa() : std::min(max_isa, best_isa());
+  const Epilogue ep{gated,
+                    activation,
+                    static_cast<float>(swiglu_alpha),
+                    static_cast<float>(swiglu_limit),
+                    weights_on_input,
+                    b_in.has_value() ? &*b_in : nullptr,
+                    b_out.has_value() ? &*b_out : nullptr};
   switch (x.scalar_type()) {
     case at::kBFloat16:
 #if MOECAP_X86
-      if (isa == kAvx512Bf16) return run_experts<Kernel<bf16, bf16, kAvx512Bf16>>(x, w_in, w_out, rt, gated, activation);
+      if (isa == kAvx512Bf16) return run_experts<Kernel<bf16, bf16, kAvx512Bf16>>(x, w_in, w_out, rt, ep);
 #endif
-      return dispatch_float_act<bf16>(isa, x, w_in, w_out, rt, gated, activation);
+      return dispatch_float_act<bf16>(isa, x, w_in, w_out, rt, ep);
     case at::kHalf:
-      return dispatch_float_act<half>(isa, x, w_in, w_out, rt, gated, activation);
+      return dispatch_float_act<half>(isa, x, w_in, w_out, rt, ep);
     default:
-      return dispatch_float_act<float>(isa, x, w_in, w_out, rt, gated, activation);
+      return dispatch_float_act<float>(isa, x, w_in, w_out, rt, ep);
   }
 }
 
@@ -585,7 +666,8 @@ std::vector<int64_t> moe_experts_cpu_info() {
 TORCH_LIBRARY_FRAGMENT(moecap, m) {
   m.def(
       "moe_experts_cpu(Tensor x, Tensor w_in, Tensor w_out, Tensor topk_ids, Tensor topk_weights, "
-      "bool gated, int activation, int max_isa=-1) -> Tensor");
+      "bool gated, int activation, int max_isa=-1, Tensor? b_in=None, Tensor? b_out=None, "
+      "float swiglu_alpha=1.702, float swiglu_limit=7.0, bool weights_on_input=False) -> Tensor");
   m.def("moe_experts_cpu_info() -> int[]", &moecap::moe_experts_cpu_info);
 }
 

@@ -172,6 +172,63 @@ def test_every_instruction_set_path(isa: int, dtype: torch.dtype) -> None:
     check(11, 100, 41, 6, 3, True, SILU, dtype, max_isa=isa)
 
 
+# --- the epilogue: biases, gpt-oss' clamped SwiGLU, routing weights on the input (Llama 4) ---------
+SWIGLU_OAI = 3
+
+
+def epilogue_reference(x, w_in, w_out, ids, weights, b_in, b_out, activation, alpha, limit, on_input):
+    """The plain loop again, with each feature spelled out in float64."""
+    f = w_out.shape[2]
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(ids.shape[0]):
+        for j in range(ids.shape[1]):
+            e, w = int(ids[t, j]), float(weights[t, j])
+            row = x[t].double() * (w if on_input else 1.0)
+            h = w_in[e].double() @ row + (b_in[e].double() if b_in is not None else 0.0)
+            gate, up = h[:f], h[f:]
+            if activation == SWIGLU_OAI:
+                g = gate.clamp(max=limit)
+                inner = (up.clamp(-limit, limit) + 1) * g / (1 + torch.exp(-alpha * g))
+            else:
+                inner = act64(gate, activation) * up
+            out = w_out[e].double() @ inner + (b_out[e].double() if b_out is not None else 0.0)
+            y[t] += out if on_input else w * out
+    return y
+
+
+@pytest.mark.parametrize("isa", range(4), ids=ISA_NAMES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize(
+    ("activation", "biases", "on_input"),
+    [(SWIGLU_OAI, True, False), (SILU, True, False), (SILU, False, True), (SWIGLU_OAI, True, True)],
+    ids=["gpt-oss", "biases", "llama4", "all"],
+)
+def test_epilogue_features_on_every_path(isa, dtype, activation, biases, on_input) -> None:
+    if isa > best_isa():
+        pytest.skip(f"this CPU lacks {ISA_NAMES[isa]}")
+    t, h, f, e, k = 11, 100, 41, 6, 3
+    x, w_in, w_out, ids, weights = make_problem(t, h, f, e, k, True, dtype, seed=isa)
+    gen = torch.Generator().manual_seed(7)
+    b_in = (torch.randn(e, 2 * f, generator=gen) * 0.3).to(dtype) if biases else None
+    b_out = (torch.randn(e, h, generator=gen) * 0.3).to(dtype) if biases else None
+    alpha, limit = 1.702, 0.6  # a limit the activations cross, so the clamps act
+    poison_allocator(t * h, dtype)
+    y = op(x, w_in, w_out, ids, weights, True, activation, isa, b_in, b_out, alpha, limit, on_input)
+    ref = epilogue_reference(x, w_in, w_out, ids, weights, b_in, b_out, activation, alpha, limit, on_input)
+    assert relative_error(y, ref) < TOLERANCE[dtype]
+
+
+def test_bad_biases_and_clamped_swiglu_without_gate_are_refused() -> None:
+    x, w_in, w_out, ids, weights = make_problem(3, 16, 8, 4, 2, True, torch.float32)
+    with pytest.raises(RuntimeError, match="b_in must be"):
+        op(x, w_in, w_out, ids, weights, True, SILU, -1, torch.zeros(4, 8), None)
+    with pytest.raises(RuntimeError, match="b_out must have x's dtype"):
+        op(x, w_in, w_out, ids, weights, True, SILU, -1, None, torch.zeros(4, 16, dtype=torch.bfloat16))
+    x, w_in, w_out, ids, weights = make_problem(3, 16, 8, 4, 2, False, torch.float32)
+    with pytest.raises(RuntimeError, match="needs gated experts"):
+        op(x, w_in, w_out, ids, weights, False, SWIGLU_OAI)
+
+
 def test_info_reports_isa_and_threading() -> None:
     isa, threaded = torch.ops.moecap.moe_experts_cpu_info()
     assert 0 <= isa <= 3 and threaded in (0, 1)
@@ -381,3 +438,21 @@ def test_memory_check_counts_the_packed_copy() -> None:
     with pytest.raises(UserError, match="backends' own copies"):
         check_fits(spec, tokens, info, False, ("loop", "cpu_fused"))
     check_fits(spec, 1, info, False, ("cpu_fused",))  # decode: the op, no copy
+
+
+@pytest.mark.parametrize("layer", ["gpt-oss", "llama4", "qwen2-moe", "deepseek-v3", "phimoe"])
+@pytest.mark.parametrize("path", ["op", "gemms"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_backend_computes_every_family_feature(layer: str, path: str, dtype, monkeypatch) -> None:
+    """The layer variants of test_backends through both paths, against the float64 reference."""
+    from moecap_kernels.reference import reference_forward
+    from tests.helpers import tiny_spec
+    from tests.test_backends import LAYERS, routed
+
+    monkeypatch.setattr(cpu_fused, "FUSED_MAX_EXPERT_ROW_BYTES", 2**40 if path == "op" else 0)
+    spec = tiny_spec(**LAYERS[layer]).with_dtype(str(dtype).removeprefix("torch."))
+    assert CpuFusedBackend().supports(spec) is None
+    x, weights, ids, w = routed(spec, 9, seed=4)
+    poison_allocator(x.numel(), dtype)
+    y = CpuFusedBackend().forward(x, weights, spec, ids, w)
+    assert relative_error(y, reference_forward(x, weights, spec, ids, w)) < TOLERANCE[dtype]

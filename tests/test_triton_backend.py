@@ -78,6 +78,12 @@ LAYERS = {
     "not-gated": {"gated": False},
     "shared": {"num_shared_experts": 2, "shared_intermediate_size": 24},
     "k=E": {"num_experts": 3, "top_k": 3},
+    "gelu-tanh": {"activation": "gelu_tanh"},
+    # gpt-oss: expert biases and the clamped SwiGLU (a limit the activations cross)
+    "gpt-oss": {"expert_bias": True, "activation": "swiglu_oai", "swiglu_limit": 0.5},
+    # Llama 4: the routing weight on the input, a plain shared expert
+    "llama4": {"weights_on_input": True, "num_shared_experts": 1, "shared_intermediate_size": 24},
+    "qwen2-moe": {"num_shared_experts": 1, "shared_intermediate_size": 24, "shared_expert_gate": True},
 }
 
 

@@ -379,19 +379,30 @@ LAYOUT_POINTERS = {
 
 
 @pytest.mark.parametrize(
-    ("dtype", "block", "gated", "activation", "count"),
+    ("dtype", "block", "gated", "activation", "count", "extras"),
     [
-        ("bf16", (16, 64, 128), True, 0, True),
-        ("bf16", (128, 128, 64), False, 1, False),
-        ("fp32", (64, 64, 32), True, 1, True),
+        ("bf16", (16, 64, 128), True, 0, True, False),
+        ("bf16", (128, 128, 64), False, 1, False, False),
+        ("fp32", (64, 64, 32), True, 1, True, False),
+        ("bf16", (64, 128, 64), True, 3, False, True),  # gpt-oss: biases, clamped SwiGLU; weights on input
+        ("fp16", (64, 64, 64), True, 2, False, False),
     ],
 )
-def test_gate_up_compiles_for_hopper(monkeypatch, dtype, block, gated, activation, count):
+def test_gate_up_compiles_for_hopper(monkeypatch, dtype, block, gated, activation, count, extras):
     from moecap_kernels.kernels.grouped_gemm import gate_up_kernel
 
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # the default; set to silence triton 3.9
-    pointers = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", **LAYOUT_POINTERS}
+    pointers = {
+        "x_ptr": f"*{dtype}",
+        "w_ptr": f"*{dtype}",
+        "h_ptr": f"*{dtype}",
+        "bias_ptr": f"*{dtype}",
+        "pair_weights_ptr": "*fp32",
+        "alpha": "fp32",
+        "limit": "fp32",
+        **LAYOUT_POINTERS,
+    }
     block_m, block_n, block_k = block
     constexprs = dict(
         TOP_K=8,
@@ -401,6 +412,8 @@ def test_gate_up_compiles_for_hopper(monkeypatch, dtype, block, gated, activatio
         GROUP_M=8,
         GATED=gated,
         ACTIVATION=activation,
+        HAS_BIAS=extras,
+        WEIGHTS_ON_INPUT=extras,
         INPUT_PRECISION="ieee" if dtype == "fp32" else None,
         COUNT=count,
     )
@@ -429,6 +442,7 @@ def test_down_and_combine_compile_for_hopper(monkeypatch, dtype, atomic, count):
         "w_ptr": f"*{dtype}",
         "out_ptr": "*fp32",
         "pair_weights_ptr": "*fp32",
+        "bias_ptr": f"*{dtype}",
         **LAYOUT_POINTERS,
     }
     constexprs = dict(
@@ -438,6 +452,7 @@ def test_down_and_combine_compile_for_hopper(monkeypatch, dtype, atomic, count):
         BLOCK_K=64,
         GROUP_M=8,
         ATOMIC=atomic,
+        HAS_BIAS=atomic,
         INPUT_PRECISION=None,
         COUNT=count,
     )

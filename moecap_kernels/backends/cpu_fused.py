@@ -29,7 +29,8 @@ from moecap_kernels.spec import MoESpec
 from moecap_kernels.weights import MoEWeights
 
 OP_NAME = "moe_experts_cpu"
-ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}  # the op's; "gelu" is the erf form, as F.gelu
+# the op's codes; "gelu" is the erf form, as F.gelu; swiglu_oai is gpt-oss' clamped SwiGLU
+ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "swiglu_oai": 3}
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # The op runs while an expert's routed activation rows — T·k / E rows on average, of max(H, F)
 # elements — take at most this many bytes; beyond, GEMMs on packed weights are as fast or faster.
@@ -73,8 +74,11 @@ def fused_experts(
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
     spec: MoESpec,
+    biases: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+    weights_on_input: bool = False,
 ) -> torch.Tensor:
-    """Σ_j weight[t, j] · expert_{ids[t, j]}(x[t]) through the op, in x's dtype."""
+    """Σ_j weight[t, j] · expert_{ids[t, j]}(x[t]) through the op, in x's dtype (the weight on the
+    expert's input when ``weights_on_input``; ``biases`` the experts' own, when they have them)."""
     return _op()(
         x.contiguous(),
         w_in,
@@ -83,6 +87,11 @@ def fused_experts(
         topk_weights.contiguous(),
         spec.gated,
         ACTIVATION_CODES[spec.activation],
+        -1,
+        *biases,
+        spec.swiglu_alpha,
+        spec.swiglu_limit,
+        weights_on_input,
     )
 
 
@@ -110,8 +119,8 @@ def packing_unavailable_reason(dtype: torch.dtype) -> str | None:
     return None
 
 
-def _linear(rows: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], "")
+def _linear(rows: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
 
 
 class PackedExperts:
@@ -124,12 +133,20 @@ class PackedExperts:
 
         self.routed = pack(weights.w_in), pack(weights.w_out)
         self.shared = pack(weights.shared_w_in), pack(weights.shared_w_out)
+        self.routed_biases = weights.w_in_bias, weights.w_out_bias
 
     @staticmethod
-    def mlp(pair: tuple[list[torch.Tensor], list[torch.Tensor]], spec: MoESpec) -> ExpertMLP:
+    def mlp(
+        pair: tuple[list[torch.Tensor], list[torch.Tensor]],
+        spec: MoESpec,
+        biases: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+    ) -> ExpertMLP:
         """Expert i of ``pair`` (``routed`` or ``shared``) on rows, for ``grouped_experts`` and co."""
         w_in, w_out = pair
-        return lambda i, rows: _linear(activate(_linear(rows, w_in[i]), spec), w_out[i])
+        b_in, b_out = biases
+        if b_in is None:
+            return lambda i, rows: _linear(activate(_linear(rows, w_in[i]), spec), w_out[i])
+        return lambda i, rows: _linear(activate(_linear(rows, w_in[i], b_in[i]), spec), w_out[i], b_out[i])
 
 
 # One packed copy per weights tensor (the on and off runs of a benchmark share it), dropped with it.
@@ -153,7 +170,7 @@ def gemm_mlps(weights: MoEWeights, spec: MoESpec) -> tuple[ExpertMLP | None, Exp
     packed = packed_experts(weights)
     if packed is None:
         return None, None
-    return packed.mlp(packed.routed, spec), packed.mlp(packed.shared, spec)
+    return packed.mlp(packed.routed, spec, packed.routed_biases), packed.mlp(packed.shared, spec)
 
 
 def gemm_experts(
@@ -177,7 +194,8 @@ def uses_gemms(tokens: int, spec: MoESpec) -> bool:
 def _contiguous(weights: MoEWeights) -> bool:
     """The op reads weights in place and rejects strided ones (copying them would cost more)."""
     tensors = (weights.w_in, weights.w_out, weights.shared_w_in, weights.shared_w_out)
-    return all(t.is_contiguous() for t in tensors)
+    biases = (weights.w_in_bias, weights.w_out_bias)
+    return all(t.is_contiguous() for t in tensors) and all(b is None or b.is_contiguous() for b in biases)
 
 
 @register("cpu_fused")
@@ -194,18 +212,6 @@ class CpuFusedBackend(Backend):
         """Packs the experts before timing when GEMMs will run (forward would, on first use)."""
         if uses_gemms(tokens, spec) or not _contiguous(weights):
             packed_experts(weights)
-
-    def supports(self, spec: MoESpec) -> str | None:
-        missing = [
-            feature
-            for feature, present in (
-                ("expert biases", spec.expert_bias),
-                (f"the {spec.activation} activation", spec.activation not in ACTIVATION_CODES),
-                ("routing weights on the input", spec.weights_on_input),
-            )
-            if present
-        ]
-        return f"cpu_fused does not compute {' or '.join(missing)} yet" if missing else None
 
     def availability(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if torch.device(device).type != "cpu":
@@ -226,7 +232,10 @@ class CpuFusedBackend(Backend):
         contiguous = _contiguous(weights)
         if not (use_fused(tokens, spec) and contiguous):
             return gemm_experts(x, weights, spec, topk_ids, topk_weights)
-        y = fused_experts(x, weights.w_in, weights.w_out, topk_ids, topk_weights, spec)
+        biases = (weights.w_in_bias, weights.w_out_bias)
+        y = fused_experts(
+            x, weights.w_in, weights.w_out, topk_ids, topk_weights, spec, biases, spec.weights_on_input
+        )
         if not spec.num_shared_experts:
             return y
         if not use_fused_shared(tokens, spec):

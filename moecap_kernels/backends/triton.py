@@ -40,18 +40,6 @@ class TritonBackend(Backend):
         self.last_config: Any = None
         self._counters: torch.Tensor | None = None
 
-    def supports(self, spec: MoESpec) -> str | None:
-        missing = [
-            feature
-            for feature, present in (
-                ("expert biases", spec.expert_bias),
-                (f"the {spec.activation} activation", spec.activation not in ("silu", "gelu")),
-                ("routing weights on the input", spec.weights_on_input),
-            )
-            if present
-        ]
-        return f"triton does not compute {' or '.join(missing)} yet" if missing else None
-
     def availability(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if importlib.util.find_spec("triton") is None:
             return "the triton backend needs the triton package (pip install triton)"
@@ -136,10 +124,26 @@ class TritonBackend(Backend):
         counters = self._counter_buffer(x.device) if self.count else None
         xw = x if x.dtype == weights.w_in.dtype else x.to(weights.w_in.dtype)
         options = dict(
-            gated=spec.gated, activation=spec.activation, atomic=not self.deterministic, counters=counters
+            gated=spec.gated,
+            activation=spec.activation,
+            atomic=not self.deterministic,
+            counters=counters,
+            swiglu_alpha=spec.swiglu_alpha,
+            swiglu_limit=spec.swiglu_limit,
         )
+        biases = (weights.w_in_bias, weights.w_out_bias)
         with nvtx_range("experts", x.device):
-            routed = fused_experts(xw, weights.w_in, weights.w_out, topk_ids, topk_weights, config, **options)
+            routed = fused_experts(
+                xw,
+                weights.w_in,
+                weights.w_out,
+                topk_ids,
+                topk_weights,
+                config,
+                biases=biases,
+                weights_on_input=spec.weights_on_input,
+                **options,
+            )
             shared = None
             if spec.num_shared_experts:
                 ids, gates = shared_as_routing(x, weights, spec)

@@ -10,9 +10,14 @@ static bound without a host sync.
 - ``gate_up_kernel``: ``h[row] = act(x[tok] @ W_gate[e]^T) * (x[tok] @ W_up[e]^T)`` (or
   ``act(x[tok] @ W_in[e]^T)`` when not gated), with ``tok = pair // TOP_K``; both tiles are
   accumulated in fp32 in the same K loop and fused in the epilogue; ``h`` is [max_padded, F].
-- ``down_kernel``: ``out = w_pair · (h[row] @ W_out[e]^T)`` in fp32, either atomically added
-  into ``out[tok]`` ([T, H], fast, order-dependent rounding) or stored to ``out[pair]``
-  ([T·k, H]) for a deterministic reduction afterwards (``combine.py``).
+  The epilogue scales both tiles by the pair's routing weight first when ``WEIGHTS_ON_INPUT``
+  (Llama 4: the dot products are linear in the input), adds the expert's bias when ``HAS_BIAS``,
+  then applies the activation: silu, gelu (erf), gelu (tanh) or gpt-oss' clamped SwiGLU
+  ``(clamp(up, ±LIMIT) + 1) · g · σ(ALPHA · g)``, g = min(gate, LIMIT).
+- ``down_kernel``: ``out = w_pair · (h[row] @ W_out[e]^T + b_out[e])`` in fp32 (the bias when
+  ``HAS_BIAS``), either atomically added into ``out[tok]`` ([T, H], fast, order-dependent
+  rounding) or stored to ``out[pair]`` ([T·k, H]) for a deterministic reduction afterwards
+  (``combine.py``).
 
 With ``COUNT`` on, each program adds to ``counters`` (int64 [3]): rows of its M-block without a
 routed pair (gate/up kernel, N-block 0 only), the FLOPs its tiles executed (``2·BLOCK_M·K·n``
@@ -33,6 +38,8 @@ from moecap_kernels.kernels.lazy_jit import lazy_jit
 
 SILU = 0
 GELU = 1
+GELU_TANH = 2
+SWIGLU_OAI = 3
 
 
 @lazy_jit
@@ -44,6 +51,10 @@ def gate_up_kernel(
     block_expert_ptr,
     num_padded_ptr,
     counters_ptr,
+    bias_ptr,
+    pair_weights_ptr,
+    alpha,
+    limit,
     num_pairs,
     hidden,
     inter,
@@ -55,6 +66,7 @@ def gate_up_kernel(
     stride_wh,
     stride_hm,
     stride_hf,
+    stride_be,
     TOP_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -62,6 +74,8 @@ def gate_up_kernel(
     GROUP_M: tl.constexpr,
     GATED: tl.constexpr,
     ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    WEIGHTS_ON_INPUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     COUNT: tl.constexpr,
 ):
@@ -106,11 +120,26 @@ def gate_up_kernel(
         x_ptrs += BLOCK_K * stride_xh
         wg_ptrs += BLOCK_K * stride_wh
 
+    if WEIGHTS_ON_INPUT:
+        w_pair = tl.load(pair_weights_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
+        acc_g = acc_g * w_pair[:, None]
+        acc_u = acc_u * w_pair[:, None]
+    if HAS_BIAS:
+        b_base = bias_ptr + expert.to(tl.int64) * stride_be
+        acc_g += tl.load(b_base + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_u += tl.load(b_base + inter + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if ACTIVATION == 0:
         act = acc_g / (1.0 + tl.exp(-acc_g))
-    else:
+    elif ACTIVATION == 1:
         act = 0.5 * acc_g * (1.0 + tl.math.erf(acc_g * 0.7071067811865476))
-    if GATED:
+    elif ACTIVATION == 2:  # tanh(z) = 1 - 2 / (exp(2z) + 1)
+        z = 0.7978845608028654 * (acc_g + 0.044715 * acc_g * acc_g * acc_g)
+        act = 0.5 * acc_g * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))
+    else:  # gpt-oss' clamped SwiGLU: up enters as (up + 1), clamped both ways; gate from above
+        g = tl.minimum(acc_g, limit)
+        act = g / (1.0 + tl.exp(-alpha * g)) * (tl.minimum(tl.maximum(acc_u, -limit), limit) + 1.0)
+    if GATED and ACTIVATION != 3:
         act = act * acc_u
     h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_n[None, :] * stride_hf
     tl.store(h_ptrs, act.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
@@ -137,6 +166,7 @@ def down_kernel(
     num_padded_ptr,
     pair_weights_ptr,
     counters_ptr,
+    bias_ptr,
     num_pairs,
     hidden,
     inter,
@@ -148,12 +178,14 @@ def down_kernel(
     stride_wf,
     stride_om,
     stride_oh,
+    stride_be,
     TOP_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     ATOMIC: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     COUNT: tl.constexpr,
 ):
@@ -191,6 +223,9 @@ def down_kernel(
         h_ptrs += BLOCK_K * stride_hf
         w_ptrs += BLOCK_K * stride_wf
 
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + expert.to(tl.int64) * stride_be + offs_n, mask=n_ok, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
     weight = tl.load(pair_weights_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
     acc = acc * weight[:, None]
     out_mask = row_ok[:, None] & n_ok[None, :]

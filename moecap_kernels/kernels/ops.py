@@ -4,11 +4,13 @@ Ops (namespace ``moecap``):
 
 - ``moe_gate_up(Tensor x, Tensor w_in, Tensor sorted_pair_ids, Tensor block_expert_ids,
   Tensor num_padded, Tensor(a!) counters, int top_k, bool gated, str activation, SymInt[] config,
-  bool count) -> Tensor``: h [max_padded, F] in x's dtype (rows of padding left unwritten).
+  bool count, Tensor? b_in, Tensor? input_weights, float swiglu_alpha, float swiglu_limit)
+  -> Tensor``: h [max_padded, F] in x's dtype (rows of padding left unwritten); ``b_in`` [E, F_in]
+  the experts' biases, ``input_weights`` [T, k] routing weights that scale each pair's input.
 - ``moe_down(Tensor h, Tensor w_out, Tensor sorted_pair_ids, Tensor block_expert_ids,
   Tensor num_padded, Tensor topk_weights, Tensor(a!) counters, SymInt[] config, bool atomic,
-  bool count) -> Tensor``: fp32, [T, H] combined with float atomics when ``atomic``, else the
-  weighted per-pair rows [T·k, H].
+  bool count, Tensor? b_out) -> Tensor``: fp32, [T, H] combined with float atomics when
+  ``atomic``, else the weighted per-pair rows [T·k, H]; ``b_out`` [E, H] the experts' biases.
 - ``moe_combine(Tensor routed, Tensor shared, int top_k, int num_shared, ScalarType out_dtype)
   -> Tensor``: the deterministic fixed-order sum of per-pair rows into y [T, H].
 
@@ -29,9 +31,16 @@ from torch.utils.flop_counter import register_flop_formula
 from moecap_kernels.kernels.align import align_tokens
 from moecap_kernels.kernels.combine import combine_kernel
 from moecap_kernels.kernels.configs import KernelConfig
-from moecap_kernels.kernels.grouped_gemm import GELU, SILU, down_kernel, gate_up_kernel
+from moecap_kernels.kernels.grouped_gemm import (
+    GELU,
+    GELU_TANH,
+    SILU,
+    SWIGLU_OAI,
+    down_kernel,
+    gate_up_kernel,
+)
 
-ACTIVATION_CODES = {"silu": SILU, "gelu": GELU}
+ACTIVATION_CODES = {"silu": SILU, "gelu": GELU, "gelu_tanh": GELU_TANH, "swiglu_oai": SWIGLU_OAI}
 COMBINE_BLOCK_H = 256
 
 
@@ -72,6 +81,15 @@ def _device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+def _check_bias(bias: torch.Tensor | None, experts: int, width: int, dtype: torch.dtype) -> None:
+    if bias is not None and (
+        tuple(bias.shape) != (experts, width) or bias.dtype != dtype or bias.stride(1) != 1
+    ):
+        raise ValueError(
+            f"bias must be [{experts}, {width}] {dtype} with unit inner stride, got {bias.shape}"
+        )
+
+
 def _check_layout(sorted_pair_ids: torch.Tensor, block_expert_ids: torch.Tensor, block_m: int) -> None:
     if sorted_pair_ids.dtype != torch.int32 or block_expert_ids.dtype != torch.int32:
         raise ValueError("sorted_pair_ids and block_expert_ids must be int32")
@@ -95,6 +113,10 @@ def launch_gate_up(
     activation: str,
     config: list[int],
     count: bool,
+    b_in: torch.Tensor | None = None,
+    input_weights: torch.Tensor | None = None,
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
 ) -> None:
     """Fill the routed rows of ``h`` [max_padded, F] (padding rows are left as they were)."""
     block_m, block_n, *_ = config
@@ -108,6 +130,8 @@ def launch_gate_up(
     num_m_blocks = block_expert_ids.numel()
     if num_m_blocks == 0 or inter == 0:
         return
+    _check_bias(b_in, w_in.shape[0], w_in.shape[1], x.dtype)
+    pair_weights = None if input_weights is None else input_weights.reshape(-1).to(torch.float32).contiguous()
     grid = (num_m_blocks * triton.cdiv(inter, block_n),)
     with _device_guard(x):
         gate_up_kernel[grid](
@@ -118,6 +142,10 @@ def launch_gate_up(
             block_expert_ids,
             num_padded,
             counters,
+            x if b_in is None else b_in,  # never read without HAS_BIAS / WEIGHTS_ON_INPUT
+            x if pair_weights is None else pair_weights,
+            float(swiglu_alpha),
+            float(swiglu_limit),
             x.shape[0] * top_k,
             hidden,
             inter,
@@ -129,8 +157,11 @@ def launch_gate_up(
             w_in.stride(2),
             h.stride(0),
             h.stride(1),
+            0 if b_in is None else b_in.stride(0),
             GATED=gated,
             ACTIVATION=ACTIVATION_CODES[activation],
+            HAS_BIAS=b_in is not None,
+            WEIGHTS_ON_INPUT=pair_weights is not None,
             COUNT=count,
             **_launch_kwargs(top_k, config, x.dtype),
         )
@@ -149,6 +180,10 @@ def moe_gate_up(
     activation: str,
     config: list[int],
     count: bool,
+    b_in: torch.Tensor | None = None,
+    input_weights: torch.Tensor | None = None,
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
 ) -> torch.Tensor:
     inter = _intermediate_size(w_in, gated)
     h = torch.empty((sorted_pair_ids.numel(), inter), dtype=x.dtype, device=x.device)
@@ -165,14 +200,16 @@ def moe_gate_up(
         activation,
         config,
         count,
+        b_in,
+        input_weights,
+        swiglu_alpha,
+        swiglu_limit,
     )
     return h
 
 
 @moe_gate_up.register_fake
-def _(
-    x, w_in, sorted_pair_ids, block_expert_ids, num_padded, counters, top_k, gated, activation, config, count
-):
+def _(x, w_in, sorted_pair_ids, block_expert_ids, num_padded, counters, top_k, gated, activation, config, *_):
     return x.new_empty((sorted_pair_ids.shape[0], _intermediate_size(w_in, gated)))
 
 
@@ -188,6 +225,7 @@ def launch_down(
     config: list[int],
     atomic: bool,
     count: bool,
+    b_out: torch.Tensor | None = None,
 ) -> None:
     """Weighted down projection: atomically added into ``out`` [T, H] (fp32), or stored to its pair rows."""
     block_m, block_n, *_ = config
@@ -201,6 +239,7 @@ def launch_down(
     num_m_blocks = block_expert_ids.numel()
     if num_m_blocks == 0 or hidden == 0:
         return
+    _check_bias(b_out, w_out.shape[0], hidden, h.dtype)
     pair_weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
     grid = (num_m_blocks * triton.cdiv(hidden, block_n),)
     with _device_guard(h):
@@ -213,6 +252,7 @@ def launch_down(
             num_padded,
             pair_weights,
             counters,
+            h if b_out is None else b_out,  # never read without HAS_BIAS
             num_tokens * top_k,
             hidden,
             inter,
@@ -224,7 +264,9 @@ def launch_down(
             w_out.stride(2),
             out.stride(0),
             out.stride(1),
+            0 if b_out is None else b_out.stride(0),
             ATOMIC=atomic,
+            HAS_BIAS=b_out is not None,
             COUNT=count,
             **_launch_kwargs(top_k, config, h.dtype),
         )
@@ -242,6 +284,7 @@ def moe_down(
     config: list[int],
     atomic: bool,
     count: bool,
+    b_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     alloc = torch.zeros if atomic else torch.empty
     out = alloc((_down_rows(topk_weights, atomic), w_out.shape[1]), dtype=torch.float32, device=h.device)
@@ -257,12 +300,13 @@ def moe_down(
         config,
         atomic,
         count,
+        b_out,
     )
     return out
 
 
 @moe_down.register_fake
-def _(h, w_out, sorted_pair_ids, block_expert_ids, num_padded, topk_weights, counters, config, atomic, count):
+def _(h, w_out, sorted_pair_ids, block_expert_ids, num_padded, topk_weights, counters, config, atomic, *_):
     return h.new_empty((_down_rows(topk_weights, atomic), w_out.shape[1]), dtype=torch.float32)
 
 
@@ -320,7 +364,7 @@ def _gate_up_flops(
     activation,
     config,
     count,
-    *,
+    *_,
     out_shape=None,
 ) -> int:
     """Useful FLOPs: 2 per multiply-add of each routed pair's row (padding rows excluded)."""
@@ -339,7 +383,7 @@ def _down_flops(
     config,
     atomic,
     count,
-    *,
+    *_,
     out_shape=None,
 ) -> int:
     return 2 * topk_weights[0] * topk_weights[1] * w_out[1] * w_out[2]
@@ -357,11 +401,17 @@ def fused_experts(
     activation: str = "silu",
     atomic: bool = True,
     counters: torch.Tensor | None = None,
+    biases: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+    weights_on_input: bool = False,
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
 ) -> torch.Tensor:
     """Experts ``w_in``/``w_out`` ([E, F_in, H], [E, H, F]) over a routing, without the final cast.
 
     Returns fp32: y [T, H] when ``atomic``, else the weighted per-pair rows [T·k, H] for
-    ``moe_combine``. ``counters`` (int64 [3]) switches the in-kernel counters on.
+    ``moe_combine``. ``counters`` (int64 [3]) switches the in-kernel counters on. ``biases``:
+    the experts' own ([E, F_in], [E, H]); ``weights_on_input``: the routing weights scale each
+    pair's input (Llama 4) and the down projection adds with weight 1.
     """
     num_experts = w_in.shape[0]
     routing = align_tokens(topk_ids, num_experts, config.block_m)
@@ -381,6 +431,10 @@ def fused_experts(
         activation,
         cfg,
         count,
+        biases[0],
+        topk_weights if weights_on_input else None,
+        swiglu_alpha,
+        swiglu_limit,
     )
     return moe_down(
         h,
@@ -388,9 +442,10 @@ def fused_experts(
         routing.sorted_pair_ids,
         routing.block_expert_ids,
         routing.num_padded,
-        topk_weights,
+        torch.ones_like(topk_weights) if weights_on_input else topk_weights,
         counters,
         cfg,
         atomic,
         count,
+        biases[1],
     )
