@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import hf_blocks
 import numpy as np
 import results_file
 import torch
@@ -38,9 +39,10 @@ from moecap_kernels._ext import extension_status, has_op
 from moecap_kernels.backends import backend_names, get_backend
 from moecap_kernels.counters import CountAccumulator, Counts
 from moecap_kernels.dtypes import torch_dtype
+from moecap_kernels.reference import relative_error
 from moecap_kernels.report import human_bytes, write_atomic
 from moecap_kernels.routing import RoutingChoice
-from moecap_kernels.runner import BackendRun, ProfileRequest, Row, Scenario, needs_flush
+from moecap_kernels.runner import INPUT_COPIES, BackendRun, ProfileRequest, Row, Scenario, needs_flush
 from moecap_kernels.spec import MoESpec, load_preset
 from moecap_kernels.timing import CacheFlusher, time_interleaved
 from moecap_kernels.weights import MoEWeights, random_weights
@@ -58,6 +60,7 @@ QUICK_SCENARIOS = (
     Scenario("decode", 32),
     Scenario("prefill", 1, 512),
 )
+CHECKED_TOKENS = 64  # rows this small are checked against the float64 reference (cheap beside the timing)
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,9 @@ class Measured:
     roofline_s: float
     speedup_vs_loop: float | None
     counting_overhead: float | None  # median(on) / median(off) − 1, for the last backend only
-    counting_cost_s: float  # median time of one forward's counting, in place (InSituCounting)
+    counting_cost_s: float | None  # median time of one forward's counting, in place (InSituCounting)
     small_op_after_run_s: float  # the control: a trivial op right after a timed run (SmallOpAfterRun)
+    rel_error: float | None = None  # output against the float64 reference (rows up to CHECKED_TOKENS)
 
 
 # --- ceilings and their cross-checks -------------------------------------------------------------
@@ -177,6 +181,31 @@ class SmallOpAfterRun:
             self.then()
 
 
+class TransformersRun:
+    """transformers' block as a timed run: its own router, experts and combine on the row's inputs."""
+
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], row: Row, check: bool) -> None:
+        self.forward, self.row = forward, row
+        # the same layer, checked against the float64 reference where that costs little (decode)
+        self.rel_error = relative_error(forward(row.inputs[0]), row.reference()) if check else None
+
+    def __call__(self, i: int) -> None:
+        self.forward(self.row.inputs[i % INPUT_COPIES])
+
+
+def _transformers_runs(
+    spec: MoESpec, weights: MoEWeights, row: Row, tokens: int
+) -> dict[str, TransformersRun]:
+    """{"transformers:<implementation>": run} for each implementation that can run this layer here."""
+    runs = {}
+    for implementation in hf_blocks.IMPLEMENTATIONS:
+        if hf_blocks.why_not(spec.name, spec, implementation, tokens) is None:
+            forward = hf_blocks.hf_block(spec.name, spec, weights, implementation)
+            check = tokens <= CHECKED_TOKENS
+            runs[f"transformers:{implementation}"] = TransformersRun(forward, row, check)
+    return runs
+
+
 # --- one layer -----------------------------------------------------------------------------------
 
 
@@ -189,7 +218,10 @@ def compare_layer(
     peaks: hardware.Peaks,
     reps: dict[str, int],
     console: Console,
+    transformers_blocks: bool = True,
 ) -> list[Measured]:
+    """Every backend, and transformers' own block under each experts implementation it offers
+    (when installed and wired up for this layer), interleaved per scenario."""
     weights = random_weights(spec, device, seed=0)
     read = torch.ops.moecap.stream_read if has_op("stream_read", device.type) else torch.sum
     rows = []
@@ -202,7 +234,7 @@ def compare_layer(
             device=device,
             warmup=1 if scenario.phase == "prefill" else 2,
             reps=reps[scenario.phase],
-            check_accuracy=False,
+            check_accuracy=scenario.tokens <= CHECKED_TOKENS,
         )
         row = Row(request, weights, scenario, scenario.tokens)
         runs = [BackendRun(request, weights, row, name) for name in backends]
@@ -215,6 +247,8 @@ def compare_layer(
         # 46.0 GB/s where the calibration, in the same run, reached 81.8 GB/s), so the paired ceiling
         # streams the very bytes the layer must read: the activated experts', the shared experts' and
         # the router's weights, in the same interleaving.
+        hf_runs = _transformers_runs(spec, weights, row, scenario.tokens) if transformers_blocks else {}
+        runs += hf_runs.values()
         probe = compulsory_weights(weights, row.ids)
         probe_bytes = sum(t.numel() * t.element_size() for t in probe)
         runs.append(lambda i, probe=probe: [read(t) for t in probe])
@@ -226,15 +260,16 @@ def compare_layer(
             warmup=request.warmup,
             reps=request.reps,
             between=control,
-            after_warmup=[run.reset_counts for run in runs[:-1]],
+            after_warmup=[run.reset_counts for run in runs[: len(backends) + 1]],
         )
+        n = len(backends)  # runs: the backends, the last one without counting, transformers', the probe
         results = [
             run.finish(scenario, timing, info, peaks, flush)
-            for run, timing in zip(runs[:-2], timings[:-2], strict=True)
+            for run, timing in zip(runs[:n], timings[:n], strict=True)
         ]
         paired_bandwidth = probe_bytes / timings[-1].median
         loop_time = next((r.time.median for r in results if r.backend == "loop"), None)
-        overhead = timings[len(backends) - 1].median / timings[-2].median - 1
+        overhead = timings[n - 1].median / timings[n].median - 1
         measured = []
         for r, run in zip(results, runs[: len(results)], strict=True):
             measured.append(
@@ -256,8 +291,24 @@ def compare_layer(
                     counting_overhead=overhead if r.backend == best_guess else None,
                     counting_cost_s=float(np.median(run.counter.samples_s)),
                     small_op_after_run_s=float(np.median(control.samples_s)),
+                    rel_error=r.rel_error,
                 )
             )
+        like = measured[0]  # transformers' blocks compute the same layer: same bytes, FLOPs, routing
+        for (name, run), timing in zip(hf_runs.items(), timings[n + 1 : -1], strict=True):
+            t = timing.median
+            measured.append(
+                Measured(
+                    model=spec.name, phase=scenario.phase, tokens=like.tokens, backend=name, median_s=t,
+                    p10_s=timing.p10, p90_s=timing.p90, compulsory_bytes=like.compulsory_bytes,
+                    useful_flops=like.useful_flops, s_mbu=like.s_mbu * like.median_s / t,
+                    s_mbu_paired=like.s_mbu_paired * like.median_s / t, s_mfu=like.s_mfu * like.median_s / t,
+                    roofline_s=like.roofline_s, speedup_vs_loop=None if loop_time is None else loop_time / t,
+                    counting_overhead=None, counting_cost_s=None,
+                    small_op_after_run_s=float(np.median(control.samples_s)),
+                    rel_error=run.rel_error,
+                )
+            )  # fmt: skip
         best = min(measured, key=lambda m: m.median_s)
         console.print(
             f"  {spec.name} {scenario.phase} T={row.ids.shape[0]}: best {best.backend} "
@@ -299,26 +350,34 @@ def markdown(rows: list[Measured], checks: dict[str, Any], header: dict[str, str
         "share of the backend's median; small op after a run = the control: median time of adding 0 to 8 "
         "floats right after any timed run of the scenario, outside the timed regions (what any first op "
         "pays there); on/off = median with counting over median without, the last backend run both ways "
-        "in the same shuffled interleaving (noise-bound when the forward is short).",
+        "in the same shuffled interleaving (noise-bound when the forward is short). transformers:<impl> = "
+        "transformers' own MoE block of the layer, holding the same weights (so the same routing, bytes and "
+        "FLOPs), run by that experts implementation, in the same interleaving. rel. err = the output's "
+        "relative error against the float64 reference, on decode rows.",
         "",
     ]
     lines += [
         "| model | phase | T | backend | median | p10–p90 | S-MBU | S-MBU paired | S-MFU | vs loop "
         "| roofline "
-        "| × roofline | counting: in situ | small op after a run | counting: on/off |",
-        "| " + " | ".join(["---", "---", "---:", "---"] + ["---:"] * 11) + " |",
+        "| × roofline | counting: in situ | small op after a run | counting: on/off | rel. err |",
+        "| " + " | ".join(["---", "---", "---:", "---"] + ["---:"] * 12) + " |",
     ]
     for r in rows:
         speedup = "—" if r.speedup_vs_loop is None else f"{r.speedup_vs_loop:.2f}×"
         overhead = "" if r.counting_overhead is None else f"{100 * r.counting_overhead:+.1f}%"
+        counting = (
+            "—"
+            if r.counting_cost_s is None
+            else f"{r.counting_cost_s * 1e6:.1f} µs = {100 * r.counting_cost_s / r.median_s:.2f}%"
+        )
+        error = "" if r.rel_error is None else f"{r.rel_error:.1e}"
         lines.append(
             f"| {r.model} | {r.phase} | {r.tokens} | {r.backend} | {r.median_s * 1e3:.2f} ms "
             f"| {r.p10_s * 1e3:.2f}–{r.p90_s * 1e3:.2f} | {r.s_mbu:.2f} | {r.s_mbu_paired:.2f} "
             f"| {r.s_mfu:.2f} "
             f"| {speedup} "
             f"| {r.roofline_s * 1e3:.2f} ms | {r.median_s / r.roofline_s:.2f} "
-            f"| {r.counting_cost_s * 1e6:.1f} µs = {100 * r.counting_cost_s / r.median_s:.2f}% "
-            f"| {r.small_op_after_run_s * 1e6:.1f} µs | {overhead} |"
+            f"| {counting} | {r.small_op_after_run_s * 1e6:.1f} µs | {overhead} | {error} |"
         )
     return "\n".join(lines) + "\n"
 
