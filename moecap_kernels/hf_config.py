@@ -389,7 +389,7 @@ def _granite(shared_default: int | None) -> Callable[[_Reader], Fields]:
 
 
 def _hunyuan(cfg: _Reader) -> Fields:
-    """HunYuan-MoE: Mixtral routing (top-k may be listed per layer: the first MoE layer's is used),
+    """HunYuan-MoE: Mixtral routing (top-k may be listed per layer, then it must be one value for all),
     experts and one shared MLP all of intermediate_size."""
     top_k = cfg.config.get("moe_topk", cfg.config.get("num_experts_per_tok"))
     if isinstance(top_k, list):

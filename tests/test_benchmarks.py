@@ -170,3 +170,56 @@ def test_read_over_time_buckets_every_read_of_one_buffer():
     starts = [t for t, _ in buckets]
     assert starts[0] == 0.0 and starts == sorted(starts) and all(t < 1.2 for t in starts)
     assert all(rate > 0 for _, rate in buckets)
+
+
+def test_compare_times_transformers_blocks_beside_the_backends():
+    """A layer transformers has a block for gets one row per experts implementation, the same
+    layer (checked against the float64 reference) in the same interleaving."""
+    pytest.importorskip("transformers")
+    compare = load_script("compare")
+    spec = tiny_spec(name="olmoe-tiny", renormalize=False).with_dtype("float32")
+    info = hardware.detect_device(CPU)
+    peaks = hardware.Peaks(40e9, 200e9, "float32", "user", "user")
+    rows = compare.compare_layer(
+        spec,
+        (Scenario("decode", 3),),
+        ("loop", "grouped"),
+        CPU,
+        info,
+        peaks,
+        {"decode": 3},
+        compare.Console(),
+    )
+    by_name = {r.backend: r for r in rows}
+    assert set(by_name) == {
+        "loop",
+        "grouped",
+        "transformers:eager",
+        "transformers:grouped_mm",
+        "transformers:batched_mm",
+    }
+    assert all(r.rel_error < 1e-5 for r in rows)  # decode rows: every contender checked
+    for name in ("transformers:eager", "transformers:grouped_mm", "transformers:batched_mm"):
+        r = by_name[name]
+        assert r.counting_cost_s is None
+        assert r.compulsory_bytes == by_name["loop"].compulsory_bytes
+        assert r.speedup_vs_loop == by_name["loop"].median_s / r.median_s
+    text = compare.markdown(rows, {}, {"device": "cpu", "dtype": "float32"})
+    assert text.count("transformers:") >= 4 and "| — |" in text
+
+
+def test_vs_transformers_tabulates_each_family(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    script = load_script("vs_transformers")
+    assert script.main(["qwen2_moe", "gpt_oss", "--out", str(tmp_path)]) == 0
+    (md,) = tmp_path.glob("vs-transformers-*.md")
+    (record,) = tmp_path.glob("vs-transformers-*.json")
+    families = json.loads(record.read_text())["families"]
+    assert [f["family"] for f in families] == ["qwen2_moe", "gpt_oss"]
+    for f in families:
+        assert set(f["rel_error"]) == set(script.PATHS) and max(f["rel_error"].values()) < 1e-5
+        assert f["same_topk_sets"] == f"{script.TOKENS}/{script.TOKENS}"
+        assert f["flop_counter"] == f["project_flops"]
+    assert "shared_expert_gate" in families[0]["features"] and "swiglu_oai" in families[1]["features"]
+    assert md.read_text().count("| qwen2_moe |") == 1

@@ -7,89 +7,20 @@ interpreter). transformers is a test-only dependency, pinned in the ``test`` ext
 
 from __future__ import annotations
 
-import functools
-import tempfile
-import warnings
-from pathlib import Path
-
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from moecap_kernels.backends import get_backend
-from moecap_kernels.checkpoint import load_layer, moe_layers, open_checkpoint
+from moecap_kernels.checkpoint import moe_layers, open_checkpoint
 from moecap_kernels.counters import CountAccumulator
-from moecap_kernels.hf_config import read_hf_config
 from moecap_kernels.metrics import work
 from moecap_kernels.reference import reference_forward, relative_error
 from moecap_kernels.routing import route_tokens
-from tests.transformers_models import FAMILIES, TinyFamily, redraw
+from tests.transformers_models import FAMILIES, TOKENS, case
 
 transformers = pytest.importorskip("transformers")
 
-TOKENS = 13
 BACKENDS = ("reference", "loop", "grouped", "cpu_fused", "triton")
-
-
-class Case:
-    """One family's tiny model, saved and read back, and its MoE layer run by transformers."""
-
-    def __init__(self, name: str, family: TinyFamily, folder: Path) -> None:
-        torch.manual_seed(0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = family.build()
-        if hasattr(model, "set_experts_implementation"):
-            model.set_experts_implementation("eager")  # the per-expert loop: FLOP counters see its GEMMs
-        self.block = model.get_submodule(family.block)
-        redraw(self.block, seed=1)
-        self.shared = model.get_submodule(family.shared_beside) if family.shared_beside else None
-        if self.shared is not None:
-            redraw(self.shared, seed=2)
-        model.save_pretrained(folder)
-        self.folder, self.family, self.model = folder, family, model
-        self.spec, self.origins = read_hf_config(folder, dtype="float32")
-        self.weights = load_layer(folder, self.spec, family.layer)
-        self.x = torch.randn(TOKENS, self.spec.hidden_size, generator=torch.Generator().manual_seed(5))
-        self.hf_out, self.hf_ids, self.hf_flops = self._transformers()
-
-    def _transformers(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        captured: list = []
-        router = self.model.get_submodule(self.family.router)
-        hook = router.register_forward_hook(lambda module, args, out: captured.append(out))
-        # with autograd on: FlopCounterMode's module tracker hooks the outputs' gradient functions
-        with FlopCounterMode(display=False) as flops:
-            out = self.block(self.x[None])
-            out = (out[0] if isinstance(out, tuple) else out).reshape(TOKENS, -1)
-            if self.shared is not None:
-                out = out + self.shared(self.x[None]).reshape(TOKENS, -1)
-        hook.remove()
-        return out.detach().double(), self.chosen(captured[0], TOKENS), flops.get_total_flops()
-
-    def chosen(self, outputs: object, tokens: int) -> torch.Tensor:
-        """The experts transformers' router chose, [T, k], from whatever its router returns."""
-        k = self.spec.top_k
-        tensors = [
-            t for t in (outputs if isinstance(outputs, tuple) else (outputs,)) if isinstance(t, torch.Tensor)
-        ]
-        tensors = [t.detach() for t in tensors]
-        for t in tensors:
-            if t.dtype == torch.int64 and t.shape == (tokens, k):
-                return t
-        for t in tensors:  # Llama 4: scores [T, E], zero where not chosen
-            if (
-                t.is_floating_point()
-                and t.shape == (tokens, self.spec.num_experts)
-                and ((t != 0).sum(-1) == k).all()
-            ):
-                return (t != 0).nonzero()[:, 1].view(tokens, k)
-        assert self.family.router_gives_logits, "the router's outputs hold no choice of experts"
-        return tensors[0].topk(k, dim=-1).indices  # DBRX: softmax then top-k, the top-k of its logits
-
-
-@functools.cache
-def case(name: str) -> Case:
-    return Case(name, FAMILIES[name], Path(tempfile.mkdtemp(prefix=f"moecap-hf-{name}-")))
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))

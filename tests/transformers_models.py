@@ -4,16 +4,27 @@ MoE layer sits: what ``test_vs_transformers`` checks the project's layer against
 Each entry builds a 2-layer model small enough to run in a blink and names, for one MoE layer, the
 module path of its block and of its router, plus what the decoder adds around the block (a shared
 MLP held beside it, GraniteMoeShared). Weights are redrawn at the scale of a trained layer (an
-initialiser's 0.02 std would route almost uniformly and hide the routing rules).
+initialiser's 0.02 std would route almost uniformly and hide the routing rules). ``case(name)`` is
+one family's model saved with save_pretrained, read back by the project's reader and loader, and
+its layer run by transformers: what tests/test_vs_transformers.py asserts on and
+benchmarks/vs_transformers.py tabulates.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from moecap_kernels.checkpoint import load_layer
+from moecap_kernels.hf_config import read_hf_config
 
 COMMON = dict(
     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
@@ -579,3 +590,68 @@ def redraw(module: torch.nn.Module, seed: int) -> None:
         else:
             std = 0.5
         tensor.copy_(torch.randn(tensor.shape, generator=gen) * std)
+
+
+TOKENS = 13  # tokens of the input each family's layer is compared on
+
+
+class Case:
+    """One family's tiny model, saved and read back, and its MoE layer run by transformers."""
+
+    def __init__(self, name: str, family: TinyFamily, folder: Path) -> None:
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = family.build()
+        if hasattr(model, "set_experts_implementation"):
+            model.set_experts_implementation("eager")  # the per-expert loop: FLOP counters see its GEMMs
+        self.block = model.get_submodule(family.block)
+        redraw(self.block, seed=1)
+        self.shared = model.get_submodule(family.shared_beside) if family.shared_beside else None
+        if self.shared is not None:
+            redraw(self.shared, seed=2)
+        model.save_pretrained(folder)
+        self.folder, self.family, self.model = folder, family, model
+        self.spec, self.origins = read_hf_config(folder, dtype="float32")
+        self.weights = load_layer(folder, self.spec, family.layer)
+        self.x = torch.randn(TOKENS, self.spec.hidden_size, generator=torch.Generator().manual_seed(5))
+        self.hf_out, self.hf_ids, self.hf_flops = self._transformers()
+
+    def _transformers(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        captured: list = []
+        router = self.model.get_submodule(self.family.router)
+        hook = router.register_forward_hook(lambda module, args, out: captured.append(out))
+        # with autograd on: FlopCounterMode's module tracker hooks the outputs' gradient functions
+        with FlopCounterMode(display=False) as flops:
+            out = self.block(self.x[None])
+            out = (out[0] if isinstance(out, tuple) else out).reshape(TOKENS, -1)
+            if self.shared is not None:
+                out = out + self.shared(self.x[None]).reshape(TOKENS, -1)
+        hook.remove()
+        return out.detach().double(), self.chosen(captured[0], TOKENS), flops.get_total_flops()
+
+    def chosen(self, outputs: object, tokens: int) -> torch.Tensor:
+        """The experts transformers' router chose, [T, k], from whatever its router returns."""
+        k = self.spec.top_k
+        tensors = [
+            t for t in (outputs if isinstance(outputs, tuple) else (outputs,)) if isinstance(t, torch.Tensor)
+        ]
+        tensors = [t.detach() for t in tensors]
+        for t in tensors:
+            if t.dtype == torch.int64 and t.shape == (tokens, k):
+                return t
+        for t in tensors:  # Llama 4: scores [T, E], zero where not chosen
+            if (
+                t.is_floating_point()
+                and t.shape == (tokens, self.spec.num_experts)
+                and ((t != 0).sum(-1) == k).all()
+            ):
+                return (t != 0).nonzero()[:, 1].view(tokens, k)
+        assert self.family.router_gives_logits, "the router's outputs hold no choice of experts"
+        return tensors[0].topk(k, dim=-1).indices  # DBRX: softmax then top-k, the top-k of its logits
+
+
+@functools.cache
+def case(name: str) -> Case:
+    """The family's case, made once per process (saved under a fresh temporary folder)."""
+    return Case(name, FAMILIES[name], Path(tempfile.mkdtemp(prefix=f"moecap-hf-{name}-")))
