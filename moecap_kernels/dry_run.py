@@ -14,7 +14,7 @@ from rich.table import Table
 
 from moecap_kernels.hardware import DeviceInfo, Peaks
 from moecap_kernels.report import checkpoint_line, human_bytes, human_flops
-from moecap_kernels.runner import ProfileRequest, fits, memory_needed
+from moecap_kernels.runner import ProfileRequest, fits, layer_weight_bytes, memory_needed
 
 GiB = 2**30
 
@@ -49,7 +49,7 @@ def memory_lines(request: ProfileRequest, info: DeviceInfo) -> list[str]:
         copies = f", backends' own copies {extra / GiB:.1f} GiB" if extra else ""
         lines.append(
             f"memory at T = {scenario.tokens}: about {need / GiB:.1f} GiB "
-            f"(weights {request.spec.total_weight_bytes / GiB:.1f} GiB{copies}) of "
+            f"(weights {layer_weight_bytes(request.spec) / GiB:.1f} GiB{copies}) of "
             f"{info.memory_available_bytes / GiB:.1f} GiB available on {info.name}: {verdict}"
         )
     return lines

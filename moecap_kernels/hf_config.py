@@ -516,6 +516,34 @@ def _checkpoint_format(config: Config) -> Sourced:
     return Sourced(text, "quantization_config")
 
 
+def _weight_format(config: Config) -> Sourced:
+    """The weight format of ``quant/formats.py`` that profiles the checkpoint's own format, or
+    ``none`` when there is no quantization_config or no such format (the report then says so)."""
+    quant = config.get("quantization_config")
+    if not isinstance(quant, dict):
+        return Sourced("none", "no quantization_config")
+    method = str(quant.get("quant_method", "")).lower()
+    origin = f"quantization_config (quant_method {method or '?'})"
+    bits, group = quant.get("bits"), quant.get("group_size")
+    if method == "fp8":
+        block = quant.get("weight_block_size")
+        if block is None:
+            return Sourced("fp8-tensor", origin)
+        if block == [128, 128]:
+            return Sourced("fp8-block", origin + ", weight_block_size [128, 128]")
+    elif method == "mxfp4":
+        return Sourced("mxfp4", origin)
+    elif method in ("gptq", "awq") and type(bits) is int and type(group) is int:
+        zero_points = bool(quant.get("zero_point", True)) if method == "awq" else not quant.get("sym", True)
+        if bits == 4 and group > 0 and group % 2 == 0:
+            return Sourced(
+                f"int4-g{group}" + ("-zp" if zero_points else ""), origin + f", bits 4, group_size {group}"
+            )
+        if bits == 8 and group == -1 and not zero_points:
+            return Sourced("int8", origin + ", bits 8, per channel")
+    return Sourced("none", origin + ": no weight format profiles it")
+
+
 # --- reading the file and putting it together --------------------------------------------------
 
 
@@ -620,6 +648,7 @@ def read_hf_config(path: str | Path, dtype: str | None = None) -> tuple[MoESpec,
         "act_dtype": chosen,
         "source": Sourced(f"{file} (model_type {family})", "this file"),
         "checkpoint_format": _checkpoint_format(cfg.config),
+        "weight_format": _weight_format(cfg.config),
     }
     try:
         spec = MoESpec(**{name: sourced.value for name, sourced in fields.items()})

@@ -65,10 +65,10 @@ class Work:
 
 
 def traffic(spec: MoESpec, tokens: int, expert_weight_bytes: int) -> Traffic:
-    """Bytes of one forward; ``expert_weight_bytes`` = activated_experts · (P_e + biases) · b_w
-    (from the counters)."""
+    """Bytes of one forward; ``expert_weight_bytes`` = activated_experts · an expert's bytes in the
+    weight format (``MoESpec.expert_weight_bytes``, from the counters)."""
     b_w = spec.weight_bytes_per_param
-    shared = spec.num_shared_experts * spec.params_per_shared_expert * b_w
+    shared = spec.num_shared_experts * spec.shared_expert_weight_bytes
     router = spec.router_params * b_w
     activations = 2 * tokens * spec.hidden_size * spec.act_bytes_per_element
     gates = spec.shared_gate_params * b_w

@@ -109,7 +109,14 @@ def estimate_memory_bytes(spec: MoESpec, tokens: int, check_accuracy: bool) -> i
     if check_accuracy:
         largest = max(spec.params_per_expert, spec.params_per_shared_expert)
         reference = 8 * largest + 8 * 4 * (pairs + tokens) * max(spec.expert_in_rows, spec.hidden_size)
-    return spec.total_weight_bytes + activations + transient + reference
+    return layer_weight_bytes(spec) + activations + transient + reference
+
+
+def layer_weight_bytes(spec: MoESpec) -> int:
+    """The weights a row holds: the layer in ``weight_dtype``, and its experts in the weight format
+    beside them when quantized (the dense ones stay, for the reference of what compression costs)."""
+    quantized = spec.total_weight_bytes if spec.fmt.quantized else 0
+    return spec.unquantized_weight_bytes + quantized
 
 
 def memory_needed(
@@ -133,7 +140,7 @@ def check_fits(
     if not fits(need, info):
         raise UserError(
             f"{spec.name} at {tokens} tokens needs about {need / 2**30:.1f} GiB "
-            f"(weights {spec.total_weight_bytes / 2**30:.1f} GiB"
+            f"(weights {layer_weight_bytes(spec) / 2**30:.1f} GiB"
             + (f", backends' own copies {extra / 2**30:.1f} GiB" if extra else "")
             + f") but {info.name} has "
             f"{info.memory_available_bytes / 2**30:.1f} GiB available; pick a smaller model, batch or dtype"

@@ -21,7 +21,10 @@ Semantics, each a field with the plain Mixtral behaviour as its default:
 - shared experts: ``shared_expert_gate`` (each scaled by σ(x·w_g), one gate vector per shared
   expert, Qwen2-MoE);
 - ``checkpoint_format``: how the checkpoint stores its experts when that is not ``weight_dtype``
-  (a quantization_config), said in the report; empty when it is.
+  (a quantization_config), said in the report; empty when it is;
+- ``weight_format``: the format the experts are profiled in (``quant/formats.py``: ``none``, ``int8``,
+  ``w8a8``, ``int4-gN[-zp]``, ``fp8-tensor``/``-channel``/``-block``, ``mxfp4``); the router, the
+  biases and the shared-expert gates stay in ``weight_dtype``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import Any
 from moecap_kernels.dtypes import canonical_dtype, dtype_bytes
 from moecap_kernels.errors import UserError
 from moecap_kernels.limits import MAX_DIMENSION, MAX_EXPERTS, MAX_SHARED_EXPERTS
+from moecap_kernels.quant.formats import WeightFormat, weight_format
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "swiglu_oai")
 SCORINGS = ("softmax", "sigmoid", "softmax_topk", "sparsemixer")
@@ -75,6 +79,7 @@ class MoESpec:
     swiglu_limit: float = 7.0
     shared_expert_gate: bool = False
     checkpoint_format: str = ""
+    weight_format: str = "none"
 
     def __post_init__(self) -> None:
         for field, low, high in (
@@ -107,6 +112,12 @@ class MoESpec:
         self._check_semantics()
         object.__setattr__(self, "weight_dtype", canonical_dtype(self.weight_dtype))
         object.__setattr__(self, "act_dtype", canonical_dtype(self.act_dtype))
+        if not isinstance(self.weight_format, str):
+            raise UserError(f"{self.name}: weight_format must be a string, got {self.weight_format!r}")
+        fmt = weight_format(self.weight_format)
+        object.__setattr__(self, "weight_format", fmt.name)
+        for rows, cols, projection, what in self.matrix_shapes():
+            fmt.check_shape(rows, cols, projection, f"{self.name}'s {what}")
 
     def _check_semantics(self) -> None:
         """Combinations no model has, or that would make the layer undefined."""
@@ -170,9 +181,36 @@ class MoESpec:
         return self.expert_in_rows + self.hidden_size if self.expert_bias else 0
 
     @property
+    def fmt(self) -> WeightFormat:
+        """The experts' weight format."""
+        return weight_format(self.weight_format)
+
+    def matrix_shapes(self) -> tuple[tuple[int, int, int, str], ...]:
+        """(rows, reduction length, rows per projection, name) of the expert matrices a format stores."""
+        h, f, fs = self.hidden_size, self.intermediate_size, self.shared_intermediate_size
+        shapes = [(self.expert_in_rows, h, f, "expert input projection"), (h, f, h, "expert down projection")]
+        if self.num_shared_experts:
+            rows = (2 if self.gated else 1) * fs
+            shapes += [(rows, h, fs, "shared input projection"), (h, fs, h, "shared down projection")]
+        return tuple(shapes)
+
+    def _expert_matrix_bytes(self, intermediate: int) -> int:
+        """An expert's input and down matrices in the weight format (codes, scales, zero points)."""
+        h, b_w, fmt = self.hidden_size, self.weight_bytes_per_param, self.fmt
+        rows = (2 if self.gated else 1) * intermediate
+        return fmt.matrix_bytes(rows, h, intermediate, b_w) + fmt.matrix_bytes(h, intermediate, h, b_w)
+
+    @property
     def expert_weight_bytes(self) -> int:
-        """Bytes of one routed expert: (P_e + its biases) · b_w."""
-        return (self.params_per_expert + self.bias_params_per_expert) * self.weight_bytes_per_param
+        """Bytes of one routed expert: its matrices in the weight format, plus its biases · b_w
+        (unquantized: (P_e + biases) · b_w)."""
+        biases = self.bias_params_per_expert * self.weight_bytes_per_param
+        return self._expert_matrix_bytes(self.intermediate_size) + biases
+
+    @property
+    def shared_expert_weight_bytes(self) -> int:
+        """Bytes of one shared expert in the weight format (unquantized: P_s · b_w)."""
+        return self._expert_matrix_bytes(self.shared_intermediate_size) if self.num_shared_experts else 0
 
     @property
     def router_params(self) -> int:
@@ -201,8 +239,21 @@ class MoESpec:
 
     @property
     def total_weight_bytes(self) -> int:
-        """Every byte of the layer's weights, the float32 correction bias included."""
+        """Every byte of the layer's weights as profiled (experts in the weight format), the float32
+        correction bias included."""
+        dense = (self.router_params + self.shared_gate_params) * self.weight_bytes_per_param
+        experts = self.num_experts * self.expert_weight_bytes
+        shared = self.num_shared_experts * self.shared_expert_weight_bytes
+        return dense + experts + shared + self.selection_bias_bytes
+
+    @property
+    def unquantized_weight_bytes(self) -> int:
+        """The same layer's bytes with every weight in ``weight_dtype`` (what it is quantized from)."""
         return self.total_params * self.weight_bytes_per_param + self.selection_bias_bytes
+
+    def with_format(self, name: str) -> MoESpec:
+        """The same layer with its experts in weight format ``name``."""
+        return dataclasses.replace(self, weight_format=name)
 
     def with_dtype(self, dtype: str) -> MoESpec:
         """The same layer with weights and activations in ``dtype``."""

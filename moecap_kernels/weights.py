@@ -10,7 +10,9 @@ and, where the spec has them (else None):
 - ``router_bias``:   [E], added to the logits;
 - ``selection_bias``: [E] float32, added to the scores for choosing experts only;
 - ``w_in_bias``:     [E, F_in] and ``w_out_bias``: [E, H], the experts' biases;
-- ``shared_gate``:   [S, H], shared expert s scaled by σ(x · shared_gate[s]).
+- ``shared_gate``:   [S, H], shared expert s scaled by σ(x · shared_gate[s]);
+- ``quantized``:     the experts in the spec's weight format (``quant.layer.in_format``), beside
+  the dense tensors they were quantized from; None for unquantized experts.
 
 Weights are random (seeded) with 1/sqrt(fan_in) scale, so outputs are O(1) and never zero; biases
 are random too, so that a path that drops one is seen to.
@@ -19,11 +21,15 @@ are random too, so that a path that drops one is seen to.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from moecap_kernels.dtypes import torch_dtype
 from moecap_kernels.spec import MoESpec
+
+if TYPE_CHECKING:
+    from moecap_kernels.quant.quantize import QuantizedExperts
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,7 @@ class MoEWeights:
     w_in_bias: torch.Tensor | None = None
     w_out_bias: torch.Tensor | None = None
     shared_gate: torch.Tensor | None = None
+    quantized: QuantizedExperts | None = None
 
     @property
     def device(self) -> torch.device:

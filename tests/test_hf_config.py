@@ -142,12 +142,23 @@ PRESET_LAYOUT: dict[str, Callable[[MoESpec], Config]] = {
 }
 
 
+# the quantization_config a checkpoint in each preset's weight format carries
+QUANTIZATION_CONFIGS = {
+    "fp8-block": {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]},
+    "mxfp4": {"quant_method": "mxfp4", "modules_to_not_convert": []},
+}
+
+
 @pytest.mark.parametrize("name", list_presets())
 def test_every_preset_round_trips_through_its_family_layout(tmp_path: Path, name: str) -> None:
     assert name in PRESET_LAYOUT, f"add preset {name!r} to PRESET_LAYOUT"
     preset = load_preset(name)
-    spec = spec_from_hf_config(write_config(tmp_path / name, PRESET_LAYOUT[name](preset)))
+    config = PRESET_LAYOUT[name](preset)
+    if preset.weight_format != "none":
+        config["quantization_config"] = QUANTIZATION_CONFIGS[preset.weight_format]
+    spec = spec_from_hf_config(write_config(tmp_path / name, config))
     assert spec_layer(spec) == spec_layer(preset)
+    assert spec.checkpoint_format == preset.checkpoint_format
     assert spec.name == name and spec.weight_dtype == spec.act_dtype == "bfloat16"
 
 
@@ -755,20 +766,31 @@ def test_each_family_reads_its_semantics(tmp_path: Path, case: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("quantization_config", "described"),
+    ("quantization_config", "described", "profiled_as"),
     [
+        (QUANTIZATION_CONFIGS["fp8-block"], "fp8 (e4m3 weights with 128×128", "fp8-block"),
+        ({"quant_method": "fp8", "fmt": "e4m3"}, "fp8 (e4m3 weights with per-tensor", "fp8-tensor"),
+        ({"quant_method": "fp8", "weight_block_size": [64, 64]}, "fp8 (e4m3 weights with 64×64", "none"),
+        (QUANTIZATION_CONFIGS["mxfp4"], "mxfp4 (e2m1 with e8m0 scales per 32", "mxfp4"),
         (
-            {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]},
-            "fp8 (e4m3 weights with 128×128",
+            {"quant_method": "gptq", "bits": 4, "group_size": 128},
+            "gptq (4 bits, 128 group_size)",
+            "int4-g128",
         ),
-        ({"quant_method": "mxfp4", "modules_to_not_convert": []}, "mxfp4 (e2m1 with e8m0 scales per 32"),
-        ({"quant_method": "gptq", "bits": 4, "group_size": 128}, "gptq (4 bits, 128 group_size)"),
+        ({"quant_method": "gptq", "bits": 4, "group_size": 64, "sym": False}, "gptq", "int4-g64-zp"),
+        ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True}, "awq", "int4-g128-zp"),
+        ({"quant_method": "gptq", "bits": 8, "group_size": -1, "sym": True}, "gptq (8 bits", "int8"),
+        ({"quant_method": "gptq", "bits": 3, "group_size": 128}, "gptq (3 bits", "none"),
+        ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "bitsandbytes", "none"),
     ],
 )
-def test_quantization_config_is_stated(tmp_path: Path, quantization_config: Config, described: str) -> None:
+def test_quantization_config_is_stated_and_profiled_in_its_format(
+    tmp_path: Path, quantization_config: Config, described: str, profiled_as: str
+) -> None:
     config = {**mixtral(load_preset("mixtral-8x7b")), "quantization_config": quantization_config}
     spec, origins = read_hf_config(write_config(tmp_path, config))
     assert (
         spec.checkpoint_format.startswith(described) and origins["checkpoint_format"] == "quantization_config"
     )
-    assert spec.weight_dtype == "bfloat16"  # what is profiled until quantized experts exist
+    assert spec.weight_format == profiled_as and origins["weight_format"].startswith("quantization_config")
+    assert spec.weight_dtype == "bfloat16"  # the dtype the experts are quantized from

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from moecap_kernels.counters import CountAccumulator, Counts
+from moecap_kernels.errors import UserError
 from moecap_kernels.metrics import Traffic, Work, load_imbalance, traffic, utilization, work
 from moecap_kernels.spec import MoESpec, load_preset
 
@@ -21,9 +22,30 @@ PRESETS = [
 ]
 
 
-def by_hand(name: str, ids: list[list[int]]):
-    """The DESIGN formulas, spelled out with plain loops over a routing."""
+def matrix_bytes_by_hand(fmt: str, rows: int, cols: int, projection: int, b: int) -> int:
+    """One [rows, cols] expert matrix of ``projection``-row projections, format by format."""
+    if fmt == "none":
+        return rows * cols * b
+    if fmt in ("int8", "w8a8", "fp8-channel"):
+        return rows * cols + 4 * rows  # 1-byte codes, a float32 scale per row
+    if fmt == "fp8-tensor":
+        return rows * cols + 4 * (rows // projection)
+    if fmt == "fp8-block":
+        blocks = (rows // projection) * -(-projection // 128) * -(-cols // 128)
+        return rows * cols + 4 * blocks
+    if fmt == "mxfp4":
+        return rows * cols // 2 + rows * (cols // 32)  # half a byte per code, an e8m0 byte per 32
+    group = int(fmt.split("-g")[1].split("-")[0])  # int4-gN[-zp]: float16 scales, 4-bit zero points
+    zero_points = rows * -(-(cols // group) // 2) if fmt.endswith("-zp") else 0
+    return rows * cols // 2 + 2 * rows * (cols // group) + zero_points
+
+
+def by_hand(name: str, ids: list[list[int]], fmt: str | None = None):
+    """The DESIGN formulas, spelled out with plain loops over a routing (experts in ``fmt``,
+    default: the preset's own format)."""
     s = load_preset(name)
+    if fmt is not None:
+        s = s.with_format(fmt)
     h, f, e, fs, n_shared = (
         s.hidden_size,
         s.intermediate_size,
@@ -43,9 +65,15 @@ def by_hand(name: str, ids: list[list[int]]):
     router = e * h + (e if s.router_bias else 0)
     correction = 4 * e if s.selection_bias else 0  # float32 correction bias, read to choose
     gate = n_shared * h if s.shared_expert_gate else 0  # one gate vector per shared expert
-    always = n_shared * p_s * b + router * b + correction + gate * b + 2 * tokens * h * b
-    bytes_ = activated * (p_e + bias_e) * b + always
-    dense_bytes = e * (p_e + bias_e) * b + always
+    expert = matrix_bytes_by_hand(s.weight_format, 2 * f, h, f, b) + matrix_bytes_by_hand(
+        s.weight_format, h, f, h, b
+    )
+    shared = n_shared and matrix_bytes_by_hand(s.weight_format, 2 * fs, h, fs, b) + matrix_bytes_by_hand(
+        s.weight_format, h, fs, h, b
+    )
+    always = n_shared * shared + router * b + correction + gate * b + 2 * tokens * h * b
+    bytes_ = activated * (expert + bias_e * b) + always
+    dense_bytes = e * (expert + bias_e * b) + always
     always_flops = tokens * n_shared * 2 * p_s + 2 * tokens * h * e + 2 * tokens * gate
     flops = sum(n * 2 * p_e for n in per_expert) + always_flops
     dense_flops = tokens * e * 2 * p_e + always_flops
@@ -65,6 +93,40 @@ def test_bytes_and_flops_match_hand_formulas(name, tokens):
     w = work(s, tokens, counts.expert_flops)
     assert (t.compulsory, t.dense, w.useful, w.dense) == (bytes_, dense_bytes, flops, dense_flops)
     assert all(isinstance(v, int) for v in (t.compulsory, t.dense, w.useful, w.dense))
+
+
+FORMATS = [
+    "none",
+    "int8",
+    "w8a8",
+    "int4-g128",
+    "int4-g32-zp",
+    "fp8-tensor",
+    "fp8-channel",
+    "fp8-block",
+    "mxfp4",
+]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "qwen1.5-moe-a2.7b", "gpt-oss-20b", "deepseek-v2-lite"])
+def test_bytes_in_every_format_match_hand_formulas(name, fmt):
+    """Random routings (and every expert hit): an expert's bytes are its codes, scales and zero
+    points, exactly; FLOPs do not change with the format."""
+    rng = random.Random(fmt)
+    preset = load_preset(name)
+    group = {"int4-g128": 128, "int4-g32-zp": 32, "mxfp4": 32}.get(fmt, 1)
+    if preset.hidden_size % group or preset.intermediate_size % group:  # gpt-oss: H = F = 2880
+        with pytest.raises(UserError, match="groups are not padded"):
+            preset.with_format(fmt)
+        return
+    spec = preset.with_format(fmt)
+    for tokens in (1, 7, 4 * spec.num_experts):
+        ids = [rng.sample(range(spec.num_experts), spec.top_k) for _ in range(tokens)]
+        s, _, _, bytes_, flops, dense_bytes, _ = by_hand(name, ids, fmt)
+        counts = _count(s, ids)
+        t, w = traffic(s, tokens, counts.expert_weight_bytes), work(s, tokens, counts.expert_flops)
+        assert (t.compulsory, t.dense, w.useful) == (bytes_, dense_bytes, flops)
 
 
 def _count(spec: MoESpec, ids: list[list[int]]) -> Counts:

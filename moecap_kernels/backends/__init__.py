@@ -23,7 +23,7 @@ def register(name: str) -> Callable[[type[Backend]], type[Backend]]:
 
 def _load_builtin() -> None:
     # Imported for their @register side effect; each module is one backend.
-    from moecap_kernels.backends import grouped, loop  # noqa: F401
+    from moecap_kernels.backends import dequant, grouped, loop  # noqa: F401
 
     for optional in ("triton", "cpu_fused"):
         try:
@@ -34,7 +34,7 @@ def _load_builtin() -> None:
 
 
 # The baseline first, then from general to specialised (the order of "all" and of reports).
-PREFERRED_ORDER = ("loop", "grouped", "cpu_fused", "triton")
+PREFERRED_ORDER = ("loop", "grouped", "dequant", "cpu_fused", "triton")
 
 
 def backend_names() -> list[str]:

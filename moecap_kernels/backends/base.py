@@ -7,6 +7,7 @@ so that every backend sees identical routed pairs. A backend knows nothing of me
 from __future__ import annotations
 
 import functools
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
@@ -117,10 +118,15 @@ def weighted_expert(
 
 
 class Backend(ABC):
-    """An implementation of experts + combine, registered by ``name``."""
+    """An implementation of experts + combine, registered by ``name``.
+
+    ``weight_formats``: the expert weight formats it computes (``quant/formats.py`` names; an
+    ``int4-gN`` name stands for every group size); a backend reads ``weights.quantized`` for them.
+    """
 
     name: str = ""
     description: str = ""
+    weight_formats: tuple[str, ...] = ("none",)
 
     def availability(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """None when this backend runs on ``device`` with ``dtype``, else one line saying why not."""
@@ -128,7 +134,16 @@ class Backend(ABC):
 
     def supports(self, spec: MoESpec) -> str | None:
         """None when this backend computes every feature of ``spec``'s layer, else which it lacks."""
-        return None
+        return self.format_unsupported(spec)
+
+    def format_unsupported(self, spec: MoESpec) -> str | None:
+        """None when this backend computes experts in ``spec``'s weight format, else one line."""
+        family = re.sub(r"-g\d+", "-gN", spec.weight_format)
+        if family in self.weight_formats:
+            return None
+        if self.weight_formats == ("none",):
+            return f"{self.name} computes unquantized experts only, not {spec.weight_format}"
+        return f"{self.name} computes {', '.join(self.weight_formats)} experts, not {spec.weight_format}"
 
     def prepare(self, weights: MoEWeights, spec: MoESpec, tokens: int) -> None:  # noqa: B027 (optional hook)
         """One-time work before timing forwards of ``tokens`` tokens (layout changes, autotuning).
