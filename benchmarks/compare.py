@@ -10,8 +10,10 @@ last backend run with counters on and off in the same interleaving.
 
     python benchmarks/compare.py            # full: 4 layers, decode 1–64, prefill 512 and 2048
     python benchmarks/compare.py --quick    # 2 layers, fewer scenarios and repetitions
+    python benchmarks/compare.py --quant all   # weight formats side by side (compare_formats.py)
 
-Writes benchmarks/results/compare-<date>-<device>.md and .json (atomically).
+Writes benchmarks/results/compare-<date>-<device>.md and .json (``compare-formats-…`` with
+``--quant``), atomically.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import compare_formats
 import hf_blocks
 import numpy as np
 import results_file
@@ -39,6 +42,7 @@ from moecap_kernels._ext import extension_status, has_op
 from moecap_kernels.backends import backend_names, get_backend
 from moecap_kernels.counters import CountAccumulator, Counts
 from moecap_kernels.dtypes import torch_dtype
+from moecap_kernels.quant.formats import ALL_FORMATS
 from moecap_kernels.reference import relative_error
 from moecap_kernels.report import human_bytes, write_atomic
 from moecap_kernels.routing import RoutingChoice
@@ -54,6 +58,8 @@ FULL_SCENARIOS = (
     Scenario("prefill", 1, 512),
     Scenario("prefill", 1, 2048),
 )
+FORMAT_MODELS = ("mixtral-8x7b", "qwen3-30b-a3b")
+FORMAT_SCENARIOS = tuple(Scenario("decode", b) for b in (1, 8, 64))
 QUICK_SCENARIOS = (
     Scenario("decode", 1),
     Scenario("decode", 4),
@@ -386,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 layers, fewer scenarios (under 2 minutes)")
     parser.add_argument("--models", help="comma list of presets (default: 4 layers, or 2 with --quick)")
+    parser.add_argument("--quant", help="weight formats side by side instead: comma list, or all")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -394,26 +401,40 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     started = time.perf_counter()
     info = hardware.detect_device(device)
-    calibration = hardware.calibrate(device, [args.dtype], force=True)
-    peaks = hardware.resolve_peaks(
-        info, args.dtype, calibration=calibration, peak_bandwidth=None, peak_flops=None, prefer_measured=True
+    formats = (
+        () if args.quant is None else ALL_FORMATS if args.quant == "all" else tuple(args.quant.split(","))
     )
+    dtypes = [args.dtype, *(["int8"] if "w8a8" in formats else [])]
+    calibration = hardware.calibrate(device, dtypes, force=True)
+    peaks = {
+        d: hardware.resolve_peaks(
+            info, d, calibration=calibration, peak_bandwidth=None, peak_flops=None, prefer_measured=True
+        )
+        for d in dtypes
+    }
     checks = ceiling_checks(calibration, args.dtype) if device.type == "cpu" else {}
-    models = args.models.split(",") if args.models else (QUICK_MODELS if args.quick else FULL_MODELS)
-    scenarios = QUICK_SCENARIOS if args.quick else FULL_SCENARIOS
+    default_models = FORMAT_MODELS if formats else QUICK_MODELS if args.quick else FULL_MODELS
+    models = args.models.split(",") if args.models else default_models
+    scenarios = FORMAT_SCENARIOS if formats else QUICK_SCENARIOS if args.quick else FULL_SCENARIOS
     reps = {"decode": 8, "prefill": 2} if args.quick else {"decode": 25, "prefill": 5}
     dtype = torch_dtype(args.dtype)
-    rows: list[Measured] = []
+    rows: list[Any] = []
     for name in models:
-        spec = load_preset(name).with_dtype(args.dtype)
+        spec = load_preset(name).with_dtype(args.dtype).with_format("none")
         # backend_names(): loop (the baseline) first, the most specialised last (it gets the overhead pair)
         backends = tuple(
             n
             for n in backend_names()
-            if (get_backend(n).availability(device, dtype) or get_backend(n).supports(spec)) is None
+            if get_backend(n).availability(device, dtype) is None
+            and any(get_backend(n).supports(spec.with_format(f)) is None for f in formats or ("none",))
         )
         console.print(f"[bold]{name}[/bold] ({', '.join(backends)})")
-        rows += compare_layer(spec, scenarios, backends, device, info, peaks, reps, console)
+        if formats:
+            rows += compare_formats.compare_formats(
+                spec, scenarios, formats, backends, device, info, peaks, reps, console
+            )
+        else:
+            rows += compare_layer(spec, scenarios, backends, device, info, peaks[args.dtype], reps, console)
     date = dt.date.today().isoformat()
     given = sys.argv[1:] if argv is None else argv
     header = {
@@ -425,14 +446,40 @@ def main(argv: list[str] | None = None) -> int:
         "command": f"python benchmarks/compare.py {shlex.join(given)}".rstrip(),
         "wall time": f"{time.perf_counter() - started:.0f} s",
     }
-    stem = results_file.stem(args.out, "compare", info.name, "-quick" if args.quick else "")
-    text = markdown(rows, checks, header)
+    kind = "compare-formats" if formats else "compare"
+    stem = results_file.stem(args.out, kind, info.name, "-quick" if args.quick else "")
+    text = formats_markdown(rows, checks, header, peaks) if formats else markdown(rows, checks, header)
     write_atomic(stem.with_suffix(".md"), text)
     doc = {"header": header, "ceilings": checks, "rows": [asdict(r) for r in rows]}
     write_atomic(stem.with_suffix(".json"), json.dumps(doc, indent=2) + "\n")
     print(text)
     console.print(f"[dim]wrote {stem}.md and .json[/dim]")
     return 0
+
+
+def formats_markdown(
+    rows: list[compare_formats.FormatRow],
+    checks: dict[str, Any],
+    header: dict[str, str],
+    peaks: dict[str, hardware.Peaks],
+) -> str:
+    lines = [f"# Weight formats — {header['device']}", ""]
+    lines += [f"- {k}: {v}" for k, v in header.items()]
+    bandwidth = next(iter(peaks.values())).bandwidth_bytes_per_s
+    gemms = "; ".join(
+        f"{d} GEMM {p.flops_per_s / 1e9:.0f} G{'OP' if d == 'int8' else 'FLOP'}/s" for d, p in peaks.items()
+    )
+    lines += ["", f"Denominators (measured in this run): read bandwidth {bandwidth / 1e9:.1f} GB/s; {gemms}."]
+    if checks:
+        torch_sum = checks["bandwidth_checks"]["torch sum 1 GiB"]["bytes_per_s"]
+        lines += [f"Cross-check: torch sum of 1 GiB {torch_sum / 1e9:.1f} GB/s."]
+    lines += [
+        "",
+        " ".join(compare_formats.__doc__.split("\n\n")[0].split()),
+        "",
+        *compare_formats.markdown(rows),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -31,25 +31,28 @@ def layer_table(request: ProfileRequest, origins: Mapping[str, str]) -> Table:
     return table
 
 
-def peaks_line(peaks: Peaks | None, pending: str) -> str:
-    if peaks is None:
+def peaks_line(peaks: Mapping[str, Peaks], pending: str) -> str:
+    """The denominators that would divide ({compute dtype: peaks}), or what would measure them."""
+    if not peaks:
         return f"peaks: {pending}"
-    return (
-        f"peaks: {human_bytes(peaks.bandwidth_bytes_per_s)}/s ({peaks.bandwidth_source}); "
-        f"{human_flops(peaks.flops_per_s)}/s {peaks.dtype} ({peaks.flops_source})"
-        + (f"; {peaks.caveat}" if peaks.caveat else "")
+    first = next(iter(peaks.values()))
+    flops = "; ".join(f"{human_flops(p.flops_per_s)}/s {p.dtype} ({p.flops_source})" for p in peaks.values())
+    return f"peaks: {human_bytes(first.bandwidth_bytes_per_s)}/s ({first.bandwidth_source}); {flops}" + (
+        f"; {first.caveat}" if first.caveat else ""
     )
 
 
 def memory_lines(request: ProfileRequest, info: DeviceInfo) -> list[str]:
     lines = []
     for scenario in request.scenarios:
-        need, extra = memory_needed(request.spec, scenario.tokens, request.check_accuracy, request.backends)
+        need, extra = memory_needed(
+            request.spec, scenario.tokens, request.check_accuracy, request.backends, request.weight_formats
+        )
         verdict = "fits" if fits(need, info) else "would be refused: it does not fit"
         copies = f", backends' own copies {extra / GiB:.1f} GiB" if extra else ""
         lines.append(
             f"memory at T = {scenario.tokens}: about {need / GiB:.1f} GiB "
-            f"(weights {layer_weight_bytes(request.spec) / GiB:.1f} GiB{copies}) of "
+            f"(weights {layer_weight_bytes(request.spec, request.weight_formats) / GiB:.1f} GiB{copies}) of "
             f"{info.memory_available_bytes / GiB:.1f} GiB available on {info.name}: {verdict}"
         )
     return lines
@@ -61,7 +64,7 @@ def print_plan(
     origins: Mapping[str, str],
     skipped: Mapping[str, str],
     info: DeviceInfo,
-    peaks: Peaks | None,
+    peaks: Mapping[str, Peaks],
     pending: str,
     outputs: Sequence[str],
 ) -> None:
@@ -72,7 +75,8 @@ def print_plan(
     lines = [
         f"scenarios: {request.scenarios[0].phase}, T = {tokens}; routing {request.routing.describe()}; "
         f"weights {request.weights_source}",
-        f"backends: {', '.join(request.backends)}"
+        "backends: "
+        + "; ".join(f"{f}: {', '.join(request.backends_for(f))}" for f in request.weight_formats)
         + "".join(f"; not {name}: {why}" for name, why in skipped.items()),
         f"timing: {request.warmup} warm-up and {request.reps} timed forwards per row on {request.device}; "
         + ("accuracy against a float64 reference" if request.check_accuracy else "no accuracy check"),
@@ -80,7 +84,7 @@ def print_plan(
         *memory_lines(request, info),
     ]
     if request.spec.checkpoint_format:
-        lines.append(checkpoint_line(request.spec))
+        lines.append(checkpoint_line(request.spec, request.weight_formats))
     if outputs:
         lines.append(f"would write {', '.join(outputs)}")
     for line in lines:

@@ -22,6 +22,15 @@ def canonical_dtype(name: str) -> str:
     return key
 
 
+# Dtypes a GEMM may run in, whose peak divides S-MFU: the activation dtypes, and int8 (w8a8).
+COMPUTE_DTYPES = (*TORCH_DTYPES, "int8")
+
+
+def canonical_compute_dtype(name: str) -> str:
+    """``canonical_dtype``, or ``int8``: the dtypes a peak FLOP (or OP) rate is known for."""
+    return "int8" if name.strip().lower() == "int8" else canonical_dtype(name)
+
+
 def torch_dtype(name: str) -> torch.dtype:
     return TORCH_DTYPES[canonical_dtype(name)]
 

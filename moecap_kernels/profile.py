@@ -22,6 +22,7 @@ from moecap_kernels import limits
 from moecap_kernels.errors import UserError
 from moecap_kernels.exits import Interrupt, run_cli
 from moecap_kernels.files import check_cache_root, check_writable, write_all_atomic
+from moecap_kernels.quant.formats import ALL_FORMATS
 
 if TYPE_CHECKING:  # imported at run time only once the arguments are known to be good
     import torch
@@ -140,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="router | uniform | zipf:ALPHA | dirichlet:ALPHA | hot:N | trace:PATH.npy",
     )
     run.add_argument("--seed", type=integer(0, limits.MAX_SEED), default=0)
+    src.add_argument(
+        "--quant",
+        type=text_arg,
+        help="comma list of expert weight formats, each its own rows, or all: none, int8, w8a8, "
+        "int4-gN, int4-gN-zp, fp8-tensor, fp8-channel, fp8-block, mxfp4 (default: the checkpoint's)",
+    )
     how = p.add_argument_group("execution")
     how.add_argument("--backend", type=text_arg, default="all", help="comma list of backends, or all")
     how.add_argument(
@@ -203,12 +210,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             raise UserError(
                 f"batch × seq-len = {tokens} tokens per forward; the limit is {limits.MAX_TOKENS}"
             )
+    if args.quant is not None:
+        args.quant = format_names(args.quant)
     given = {"--json": args.json, "--csv": args.csv}
     outputs = [check_writable(path, flag) for flag, path in given.items() if path is not None]
     if len({p.resolve() for p in outputs}) < len(outputs):
         raise UserError("--json and --csv name the same file")
     check_cache_root()
     return args
+
+
+def format_names(text: str) -> tuple[str, ...]:
+    """``--quant``'s weight formats, canonical and deduplicated (``all``: one of each kind)."""
+    from moecap_kernels.quant.formats import weight_format
+
+    if text.strip().lower() == "all":
+        return ALL_FORMATS
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UserError("--quant needs at least one weight format")
+    return tuple(dict.fromkeys(weight_format(n).name for n in names))
 
 
 # --- stage 2: resolving the run ----------------------------------------------------------------
@@ -300,43 +321,63 @@ def trace_scenario(args: argparse.Namespace, tokens: int) -> Scenario:
     return Scenario(args.phase, batch, seq_len)
 
 
+def resolve_formats(args: argparse.Namespace, spec: MoESpec) -> tuple[str, ...]:
+    """The weight formats to profile (default: the spec's own); a shape a format cannot store is
+    refused here, in one line."""
+    formats = args.quant or (spec.weight_format,)
+    for name in formats:
+        spec.with_format(name)  # raises UserError when the groups do not divide the layer
+    return formats
+
+
 def resolve_backends(
-    text: str, device: torch.device, spec: MoESpec
+    text: str, device: torch.device, spec: MoESpec, formats: tuple[str, ...] = ()
 ) -> tuple[tuple[str, ...], dict[str, str]]:
-    """(the backends that will run, {backend left out of "all": why})."""
+    """(the backends that will run, {backend left out of "all": why}). A backend runs the weight
+    formats it computes (``ProfileRequest.backends_for``); every format must have one."""
     from moecap_kernels.backends import backend_names, get_backend
     from moecap_kernels.dtypes import torch_dtype
 
-    names = backend_names() if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    formats = formats or (spec.weight_format,)
+    every = text.strip() == "all"
+    names = backend_names() if every else [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise UserError("--backend needs at least one name")
-    chosen, skipped = [], {}
+    chosen, skipped, covered = [], {}, set()
     for name in dict.fromkeys(names):
         backend = get_backend(name)
-        why_not = backend.availability(device, torch_dtype(spec.act_dtype)) or backend.supports(spec)
-        if why_not is None:
+        why_not = backend.availability(device, torch_dtype(spec.act_dtype))
+        unable = {f: backend.supports(spec.with_format(f)) for f in formats}
+        runs = [f for f, why in unable.items() if why is None]
+        if why_not is None and runs:
             chosen.append(name)
-        elif text.strip() == "all":
-            skipped[name] = why_not
+            covered.update(runs)
+        elif every:
+            skipped[name] = why_not or next(why for why in unable.values() if why)
         else:
-            raise UserError(f"backend {name!r} cannot run here: {why_not}")
-    if not chosen:
-        raise UserError(f"no backend can run {spec.name} on {device} with {spec.act_dtype}")
+            raise UserError(f"backend {name!r} cannot run here: {why_not or next(iter(unable.values()))}")
+    missing = [f for f in formats if f not in covered]
+    if not chosen or missing:
+        what = f" in weight format {', '.join(missing)}" if missing and chosen else ""
+        raise UserError(f"no chosen backend can run {spec.name}{what} on {device} with {spec.act_dtype}")
     return tuple(chosen), skipped
 
 
-def _calibration_wanted(args: argparse.Namespace, info: hardware.DeviceInfo) -> bool:
-    """Whether a measured figure may divide: --calibrate, or a figure neither given nor in a datasheet."""
+def _calibration_wanted(args: argparse.Namespace, info: hardware.DeviceInfo, dtypes: Sequence[str]) -> bool:
+    """Whether a measured figure may divide: --calibrate, or a figure neither given nor in a datasheet
+    (--peak-flops gives the activations' dtype only: an int8 peak comes from elsewhere)."""
     from moecap_kernels import hardware
 
-    overridden = args.peak_bandwidth is not None and args.peak_flops is not None
-    known_gpu = info.kind == "cuda" and hardware.datasheet_entry(info.name) is not None
+    overridden = args.peak_bandwidth is not None and args.peak_flops is not None and "int8" not in dtypes
+    entry = hardware.datasheet_entry(info.name) if info.kind == "cuda" else None
+    known_gpu = entry is not None and all(entry.peak_flops(d) is not None for d in dtypes)
     return args.calibrate or not (overridden or known_gpu)
 
 
 def _peaks(
     args: argparse.Namespace, info: hardware.DeviceInfo, dtype: str, calibration: hardware.Calibration | None
 ) -> hardware.Peaks:
+    """The peaks for compute ``dtype``; --peak-flops is the activations' dtype's (not int8's)."""
     from moecap_kernels import hardware
 
     return hardware.resolve_peaks(
@@ -344,7 +385,7 @@ def _peaks(
         dtype,
         calibration=calibration,
         peak_bandwidth=args.peak_bandwidth,
-        peak_flops=args.peak_flops,
+        peak_flops=args.peak_flops if dtype != "int8" else None,
         prefer_measured=args.calibrate,
     )
 
@@ -353,32 +394,33 @@ def resolve_peaks(
     args: argparse.Namespace,
     device: torch.device,
     info: hardware.DeviceInfo,
-    dtype: str,
+    dtypes: Sequence[str],
     say: Callable[[str], None],
-) -> hardware.Peaks:
-    """Datasheet (known GPU), measured (CPU, unknown GPU, --calibrate), or given (--peak-*)."""
+) -> dict[str, hardware.Peaks]:
+    """{compute dtype: peaks}: datasheet (known GPU), measured (CPU, unknown GPU, --calibrate), or
+    given (--peak-*)."""
     from moecap_kernels import hardware
 
     calibration = None
-    if _calibration_wanted(args, info):
-        calibration = hardware.calibrate(device, [dtype], force=args.calibrate, announce=say)
-    return _peaks(args, info, dtype, calibration)
+    if _calibration_wanted(args, info, dtypes):
+        calibration = hardware.calibrate(device, list(dtypes), force=args.calibrate, announce=say)
+    return {dtype: _peaks(args, info, dtype, calibration) for dtype in dtypes}
 
 
 def planned_peaks(
-    args: argparse.Namespace, info: hardware.DeviceInfo, dtype: str
-) -> tuple[hardware.Peaks | None, str]:
-    """What ``resolve_peaks`` would use, without measuring: (peaks, "") or (None, what it would do)."""
+    args: argparse.Namespace, info: hardware.DeviceInfo, dtypes: Sequence[str]
+) -> tuple[dict[str, hardware.Peaks], str]:
+    """What ``resolve_peaks`` would use, without measuring: (peaks, "") or ({}, what it would do)."""
     from moecap_kernels import hardware
 
     calibration = None
-    if _calibration_wanted(args, info):
+    if _calibration_wanted(args, info, dtypes):
         if args.calibrate:
-            return None, "measured at the start of the run (--calibrate)"
-        calibration, why = hardware.cached_calibration(info, [dtype])
+            return {}, "measured at the start of the run (--calibrate)"
+        calibration, why = hardware.cached_calibration(info, list(dtypes))
         if calibration is None:
-            return None, f"measured at the start of the run ({why})"
-    return _peaks(args, info, dtype, calibration), ""
+            return {}, f"measured at the start of the run ({why})"
+    return {dtype: _peaks(args, info, dtype, calibration) for dtype in dtypes}, ""
 
 
 def list_models(console: Console) -> None:
@@ -463,7 +505,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     spec, origins = resolve_spec(args)
     checkpoint, layer = resolve_layer(args)
     scenarios = resolve_scenarios(args, spec)
-    backends, skipped = resolve_backends(args.backend, device, spec)
+    formats = resolve_formats(args, spec)
+    backends, skipped = resolve_backends(args.backend, device, spec, formats)
     warmup_default, reps_default = DEFAULT_REPS[device.type]
     request = ProfileRequest(
         spec=spec,
@@ -477,29 +520,35 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         check_accuracy=not args.no_accuracy,
         checkpoint=checkpoint,
         layer=layer,
+        formats=formats,
     )
     info = hardware.detect_device(device)
+    dtypes = tuple(dict.fromkeys(spec.with_format(f).compute_dtype for f in formats))
     if args.dry_run:
         from moecap_kernels.dry_run import print_plan
 
-        peaks, pending = planned_peaks(args, info, spec.act_dtype)
+        peaks, pending = planned_peaks(args, info, dtypes)
         outputs = [path for path in (args.json, args.csv) if path]
         print_plan(console, request, origins, skipped, info, peaks, pending, outputs)
         return 0
     check_request_fits(request, info)
-    peaks = resolve_peaks(args, device, info, spec.act_dtype, say=_dim_line(console))
+    peaks = resolve_peaks(args, device, info, dtypes, say=_dim_line(console))
     Interrupt.check()
     console.print(
-        f"{spec.name}: {spec.total_weight_bytes / 1e9:.2f} GB of weights in {spec.weight_dtype}; "
-        f"counting via {extension_status()}",
+        f"{spec.name}: {spec.unquantized_weight_bytes / 1e9:.2f} GB of weights in {spec.weight_dtype}"
+        + "".join(
+            f", {spec.with_format(f).total_weight_bytes / 1e9:.2f} GB in {f}" for f in formats if f != "none"
+        )
+        + f"; counting via {extension_status()}",
         style="dim",
         markup=False,
     )
     if spec.checkpoint_format:
-        console.print(checkpoint_line(spec), style="yellow", markup=False)
+        console.print(checkpoint_line(spec, formats), style="yellow", markup=False)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("profiling", total=len(scenarios) * len(backends))
+        rows_per_scenario = sum(len(request.backends_for(f)) for f in formats)
+        task = progress.add_task("profiling", total=len(scenarios) * rows_per_scenario)
 
         def advance(row: object) -> None:
             Interrupt.check()

@@ -35,6 +35,7 @@ def record(row: RowResult) -> dict[str, Any]:
         "tokens": row.tokens,
         "routing": row.routing,
         "weights": row.weights_source,
+        "weight_format": row.spec.weight_format,
         "spec": row.spec.to_dict(),
         "counts": {
             "tokens_per_expert": list(counts.tokens_per_expert),
@@ -66,10 +67,48 @@ def record(row: RowResult) -> dict[str, Any]:
         "bound": util.bound,
         "roofline_time_s": util.roofline_time_s,
         "load_imbalance": row.imbalance,
-        "accuracy": {"rel_error": row.rel_error, "reference": "float64"},
+        "accuracy": accuracy(row),
+        "quant": quant_block(row.spec),
     }
     entry.update(row.extras)
     return entry
+
+
+def sqnr_db(rel_error: float | None) -> float | None:
+    """Signal-to-quantization-noise ratio of an output, 10·log10(‖y_ref‖² / ‖y − y_ref‖²) in dB."""
+    if rel_error is None:
+        return None
+    return math.inf if rel_error == 0 else -20 * math.log10(rel_error)
+
+
+def accuracy(row: RowResult) -> dict[str, Any]:
+    """Both errors of a row: against the float64 layer as profiled (the kernel's own, ``rel_error``
+    and ``kernel_rel_error``) and against the unquantized layer (what compression costs too)."""
+    return {
+        "rel_error": row.rel_error,
+        "kernel_rel_error": row.rel_error,
+        "quant_rel_error": row.quant_rel_error,
+        "kernel_sqnr_db": sqnr_db(row.rel_error),
+        "quant_sqnr_db": sqnr_db(row.quant_rel_error),
+        "reference": "float64",
+    }
+
+
+def quant_block(spec: MoESpec) -> dict[str, Any]:
+    """The weight format of a row and what one routed expert's bytes are made of."""
+    fmt, parts = spec.fmt, spec.expert_bytes_by_part()
+    return {
+        "format": fmt.name,
+        "weight_bits": fmt.weight_bits if fmt.quantized else 8 * spec.weight_bytes_per_param,
+        "group_size": fmt.group_size or None,
+        "block_rows": fmt.block_rows if fmt.quantized else None,
+        "scale_dtype": fmt.scale_dtype or None,
+        "compute_dtype": spec.compute_dtype,
+        "code_bytes": parts["codes"],
+        "scale_bytes": parts["scales"],
+        "zero_point_bytes": parts["zero_points"],
+        "bias_bytes": parts["biases"],
+    }
 
 
 def document(rows: Sequence[RowResult], command: str) -> dict[str, Any]:
@@ -141,7 +180,9 @@ CSV_COLUMNS = (
     "arithmetic_intensity",
     "bound",
     "load_imbalance",
+    "weight_format",
     "accuracy.rel_error",
+    "accuracy.quant_rel_error",
     "peak.bandwidth_bytes_per_s",
     "peak.flops_per_s",
     "peak.source",
@@ -209,8 +250,15 @@ COLUMNS = (
     "T", "backend", "time p50", "p10–p90", "tok/s", "experts", "bytes", "FLOPs", "S-MBU", "MBU",
     "S-MFU", "MFU", "AI", "bound", "imbal.", "rel. err",
 )  # fmt: skip
+# When a row's experts are quantized: its weight format, and its error against the unquantized layer
+# (rel. err is against the layer as profiled: the dequantized weights).
+FORMAT_COLUMNS = ("format", "quant err")
 # Instrumented kernels only: executed / useful expert FLOPs, issued / compulsory expert weight bytes.
 KERNEL_COLUMNS = ("pad. waste", "load amp.")
+
+
+def _error(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1e}"
 
 
 def results_table(rows: Sequence[RowResult]) -> Table:
@@ -226,8 +274,12 @@ def results_table(rows: Sequence[RowResult]) -> Table:
         header_style="bold",
     )
     kernel_columns = any("kernel" in r.extras for r in rows)
-    for name in COLUMNS + (KERNEL_COLUMNS if kernel_columns else ()):
-        table.add_column(name, justify="left" if name in ("backend", "bound") else "right", no_wrap=True)
+    format_columns = any(r.spec.fmt.quantized for r in rows)
+    names = COLUMNS[:2] + (FORMAT_COLUMNS[:1] if format_columns else ()) + COLUMNS[2:]
+    names += (FORMAT_COLUMNS[1:] if format_columns else ()) + (KERNEL_COLUMNS if kernel_columns else ())
+    for name in names:
+        left = name in ("backend", "bound", "format")
+        table.add_column(name, justify="left" if left else "right", no_wrap=True)
     for r in rows:
         t, u = r.time, r.util
         kernel = r.extras.get("kernel")
@@ -236,9 +288,12 @@ def results_table(rows: Sequence[RowResult]) -> Table:
             if kernel
             else ("—", "—")
         )
+        format_cell = (r.spec.weight_format,) if format_columns else ()
+        quant_cell = (_error(r.quant_rel_error),) if format_columns else ()
         table.add_row(
             str(r.tokens),
             r.backend,
+            *format_cell,
             human_time(t.median),
             _span(t.p10, t.p90),
             f"{r.tokens / t.median:,.0f}",
@@ -252,18 +307,25 @@ def results_table(rows: Sequence[RowResult]) -> Table:
             f"{u.arithmetic_intensity:.1f}",
             u.bound,
             f"{r.imbalance:.2f}",
-            "—" if r.rel_error is None else f"{r.rel_error:.1e}",
+            _error(r.rel_error),
+            *quant_cell,
             *(kernel_cells if kernel_columns else ()),
         )
     return table
 
 
-def checkpoint_line(spec: MoESpec) -> str:
-    """One line when the checkpoint stores its experts otherwise than the dtype profiled."""
-    return (
-        f"the checkpoint stores its experts as {spec.checkpoint_format}; profiled in {spec.weight_dtype} "
-        "(quantized experts are not implemented yet)"
-    )
+def checkpoint_line(spec: MoESpec, formats: Sequence[str] = ()) -> str:
+    """One line: how the checkpoint stores its experts, and the weight formats profiled."""
+    formats = tuple(formats) or (spec.weight_format,)
+    shown = ", ".join(spec.weight_dtype if f == "none" else f for f in formats)
+    native = spec.weight_format if spec.weight_format != "none" else None
+    if native is None:
+        note = " (no weight format here computes the checkpoint's own)"
+    elif native not in formats:
+        note = f" (not its own format, {native})"
+    else:
+        note = ""
+    return f"the checkpoint stores its experts as {spec.checkpoint_format}; profiled as {shown}{note}"
 
 
 def _trials(spread: float | None) -> str:
@@ -281,12 +343,20 @@ def denominators_note(rows: Sequence[RowResult]) -> str:
         if flushed == {False}
         else "cache flushed between repetitions where the working set is below 4× the last-level cache"
     )
+    by_dtype = {r.peaks.dtype: r.peaks for r in rows}  # w8a8 rows divide by the int8 peak
+    flops = "; ".join(
+        f"{human_flops(q.flops_per_s)}/s {q.dtype} ({q.flops_source}{_trials(q.flops_spread)})"
+        + ("" if len(by_dtype) == 1 else f" for the {q.dtype} rows")
+        for q in by_dtype.values()
+    )
+    ridges = ", ".join(
+        f"{q.ridge_point:.1f}" + (f" ({q.dtype})" if len(by_dtype) > 1 else "") for q in by_dtype.values()
+    )
     return (
         f"S-MBU, MBU: ÷ {human_bytes(p.bandwidth_bytes_per_s)}/s ({p.bandwidth_source}"
         f"{_trials(p.bandwidth_spread)}).  "
-        f"S-MFU, MFU: ÷ {human_flops(p.flops_per_s)}/s {p.dtype} ({p.flops_source}"
-        f"{_trials(p.flops_spread)}).  "
-        f"Ridge point {p.ridge_point:.1f} FLOP/byte.  Timing: {rows[0].time.method}, "
+        f"S-MFU, MFU: ÷ {flops}.  "
+        f"Ridge point {ridges} FLOP/byte.  Timing: {rows[0].time.method}, "
         f"median of {len(rows[0].time.samples_s)} reps; {cache}.  Counts: {rows[0].counter_impl}.  "
         "Dense MBU/MFU count every expert as read and computed: above 100% where sparsity saves work."
     )

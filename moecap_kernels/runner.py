@@ -1,12 +1,16 @@
-"""Runs a profile: for each scenario and backend, time the layer, count its routing, check its accuracy.
+"""Runs a profile: for each scenario, weight format and backend, time the layer, count its routing,
+check its accuracy.
 
-Data flows one way: spec → routing → backend run (timed) + counters → metrics → RowResult.
+Data flows one way: spec → routing → backend run (timed) + counters → metrics → RowResult. The
+weight formats are the layer's experts quantized once each, before anything is timed; every format
+sees the same inputs and the same routing (the router stays dense).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ from moecap_kernels.errors import UserError
 from moecap_kernels.hardware import DeviceInfo, Peaks
 from moecap_kernels.metrics import Traffic, Utilization, Work, load_imbalance, traffic, utilization, work
 from moecap_kernels.nvtx import nvtx_range
+from moecap_kernels.quant.layer import in_format
 from moecap_kernels.reference import reference_forward, relative_error
 from moecap_kernels.routing import RoutingChoice, load_trace, route_tokens, synthetic_ids
 from moecap_kernels.spec import MoESpec
@@ -56,6 +61,20 @@ class ProfileRequest:
     check_accuracy: bool = True
     checkpoint: Path | None = None  # real weights: this layer of this safetensors folder; else random
     layer: int = 0
+    formats: tuple[str, ...] = ()  # weight formats, each a set of rows; () = the spec's own
+
+    @property
+    def weight_formats(self) -> tuple[str, ...]:
+        return self.formats or (self.spec.weight_format,)
+
+    def in_format(self, name: str) -> ProfileRequest:
+        """The same request for the layer with its experts in weight format ``name``."""
+        return dataclasses.replace(self, spec=self.spec.with_format(name), formats=(name,))
+
+    def backends_for(self, name: str) -> tuple[str, ...]:
+        """The request's backends that compute experts in weight format ``name``."""
+        spec = self.spec.with_format(name)
+        return tuple(b for b in self.backends if get_backend(b).supports(spec) is None)
 
     @property
     def weights_source(self) -> str:
@@ -89,18 +108,22 @@ class RowResult:
     time: TimingStats
     peaks: Peaks
     util: Utilization
-    rel_error: float | None
+    rel_error: float | None  # against the float64 layer as profiled (quantized: dequantized weights)
     cache_flushed: bool
     counter_impl: str
     extras: dict[str, Any] = field(default_factory=dict)
+    quant_rel_error: float | None = None  # against the float64 layer with the unquantized weights
 
     @property
     def imbalance(self) -> float:
         return load_imbalance(self.counts.tokens_per_expert)
 
 
-def estimate_memory_bytes(spec: MoESpec, tokens: int, check_accuracy: bool) -> int:
-    """Upper estimate of what one row allocates: all weights, inputs, transients, the float64 reference."""
+def estimate_memory_bytes(
+    spec: MoESpec, tokens: int, check_accuracy: bool, formats: tuple[str, ...] = ()
+) -> int:
+    """Upper estimate of what one row allocates: all weights (the layer, and its experts in each
+    weight format), inputs, transients, the float64 reference."""
     b_a = spec.act_bytes_per_element
     pairs = tokens * spec.top_k
     activations = (INPUT_COPIES + 2) * tokens * spec.hidden_size * b_a
@@ -109,22 +132,35 @@ def estimate_memory_bytes(spec: MoESpec, tokens: int, check_accuracy: bool) -> i
     if check_accuracy:
         largest = max(spec.params_per_expert, spec.params_per_shared_expert)
         reference = 8 * largest + 8 * 4 * (pairs + tokens) * max(spec.expert_in_rows, spec.hidden_size)
-    return layer_weight_bytes(spec) + activations + transient + reference
+    return layer_weight_bytes(spec, formats) + activations + transient + reference
 
 
-def layer_weight_bytes(spec: MoESpec) -> int:
-    """The weights a row holds: the layer in ``weight_dtype``, and its experts in the weight format
-    beside them when quantized (the dense ones stay, for the reference of what compression costs)."""
-    quantized = spec.total_weight_bytes if spec.fmt.quantized else 0
+def layer_weight_bytes(spec: MoESpec, formats: tuple[str, ...] = ()) -> int:
+    """The weights a profile holds: the layer in ``weight_dtype`` and, beside it (for the reference of
+    what compression costs), its experts in each quantized weight format (default: the spec's)."""
+    names = formats or (spec.weight_format,)
+    quantized = sum(spec.with_format(name).total_weight_bytes for name in names if name != "none")
     return spec.unquantized_weight_bytes + quantized
 
 
 def memory_needed(
-    spec: MoESpec, tokens: int, check_accuracy: bool, backends: tuple[str, ...] = ()
+    spec: MoESpec,
+    tokens: int,
+    check_accuracy: bool,
+    backends: tuple[str, ...] = (),
+    formats: tuple[str, ...] = (),
 ) -> tuple[int, int]:
     """(bytes one row needs in all, of which the backends' own copies), estimated without allocating."""
-    extra = sum(get_backend(name).extra_memory_bytes(spec, tokens) for name in backends)
-    return estimate_memory_bytes(spec, tokens, check_accuracy) + extra, extra
+    specs = [spec.with_format(name) for name in formats or (spec.weight_format,)]
+    extra = max(
+        sum(
+            get_backend(name).extra_memory_bytes(s, tokens)
+            for name in backends
+            if get_backend(name).supports(s) is None
+        )
+        for s in specs
+    )
+    return estimate_memory_bytes(spec, tokens, check_accuracy, formats) + extra, extra
 
 
 def fits(need: int, info: DeviceInfo) -> bool:
@@ -133,14 +169,19 @@ def fits(need: int, info: DeviceInfo) -> bool:
 
 
 def check_fits(
-    spec: MoESpec, tokens: int, info: DeviceInfo, check_accuracy: bool, backends: tuple[str, ...] = ()
+    spec: MoESpec,
+    tokens: int,
+    info: DeviceInfo,
+    check_accuracy: bool,
+    backends: tuple[str, ...] = (),
+    formats: tuple[str, ...] = (),
 ) -> None:
     """Refuse, before allocating anything, a row that would not fit in the device's free memory."""
-    need, extra = memory_needed(spec, tokens, check_accuracy, backends)
+    need, extra = memory_needed(spec, tokens, check_accuracy, backends, formats)
     if not fits(need, info):
         raise UserError(
             f"{spec.name} at {tokens} tokens needs about {need / 2**30:.1f} GiB "
-            f"(weights {layer_weight_bytes(spec) / 2**30:.1f} GiB"
+            f"(weights {layer_weight_bytes(spec, formats) / 2**30:.1f} GiB"
             + (f", backends' own copies {extra / 2**30:.1f} GiB" if extra else "")
             + f") but {info.name} has "
             f"{info.memory_available_bytes / 2**30:.1f} GiB available; pick a smaller model, batch or dtype"
@@ -150,7 +191,14 @@ def check_fits(
 def check_request_fits(request: ProfileRequest, info: DeviceInfo) -> None:
     """``check_fits`` for every scenario of ``request``."""
     for scenario in request.scenarios:  # a trace's T is already in its scenario (see profile.py)
-        check_fits(request.spec, scenario.tokens, info, request.check_accuracy, request.backends)
+        check_fits(
+            request.spec,
+            scenario.tokens,
+            info,
+            request.check_accuracy,
+            request.backends,
+            request.weight_formats,
+        )
 
 
 def forced_ids(choice: RoutingChoice, tokens: int, spec: MoESpec, seed: int) -> torch.Tensor | None:
@@ -173,15 +221,24 @@ class Row:
         forced = forced_ids(request.routing, tokens, spec, request.seed)
         self.forced = None if forced is None else forced.to(device)
         self.ids, self.topk_weights = route_tokens(self.inputs[0], weights, spec, self.forced)
-        self._reference: torch.Tensor | None = None
+        self._references: dict[str, torch.Tensor] = {}
         self._weights, self._spec = weights, spec
 
-    def reference(self) -> torch.Tensor:
-        if self._reference is None:
-            self._reference = reference_forward(
-                self.inputs[0], self._weights, self._spec, self.ids, self.topk_weights
+    def reference(self, weights: MoEWeights | None = None, spec: MoESpec | None = None) -> torch.Tensor:
+        """The float64 output of the layer with its unquantized weights or, given the weights and
+        spec of a quantized weight format, with that format's dequantized weights; each made once."""
+        quantized = weights is not None and spec is not None and spec.fmt.quantized
+        key = spec.weight_format if quantized else "unquantized"
+        if key not in self._references:
+            self._references[key] = reference_forward(
+                self.inputs[0],
+                weights if quantized else self._weights,
+                spec if quantized else self._spec,
+                self.ids,
+                self.topk_weights,
+                dequantized=quantized,
             )
-        return self._reference
+        return self._references[key]
 
 
 def _working_set_bytes(spec: MoESpec, row: Row) -> int:
@@ -262,10 +319,11 @@ class BackendRun:
             time=timing,
             peaks=peaks,
             util=utilization(bytes_, flops, timing.median, peaks.bandwidth_bytes_per_s, peaks.flops_per_s),
-            rel_error=relative_error(self.output, self.row.reference()) if check else None,
+            rel_error=relative_error(self.output, self.row.reference(self.weights, spec)) if check else None,
             cache_flushed=cache_flushed,
             counter_impl=self.counter.implementation,
             extras=extras,
+            quant_rel_error=relative_error(self.output, self.row.reference()) if check else None,
         )
 
 
@@ -306,18 +364,25 @@ def profile_row(
 def run_profile(
     request: ProfileRequest,
     info: DeviceInfo,
-    peaks: Peaks,
+    peaks: Mapping[str, Peaks],
     on_row: Callable[[RowResult], None] = lambda row: None,
 ) -> list[RowResult]:
-    """Every (scenario, backend) of ``request``, in order; ``on_row`` is called after each."""
+    """Every (scenario, weight format, backend) of ``request``, in order; ``peaks`` by compute dtype
+    (``MoESpec.compute_dtype``); ``on_row`` is called after each row."""
     check_request_fits(request, info)
     weights = request.layer_weights()
+    layers = []  # each format's request and weights, quantized once for every scenario
+    for name in request.weight_formats:
+        in_fmt = request.in_format(name)
+        layers.append((in_fmt, in_format(weights, in_fmt.spec), request.backends_for(name)))
     flusher = functools.cache(lambda: CacheFlusher(info.llc_bytes, request.device))  # made when first needed
     results = []
     for scenario in request.scenarios:
         row = Row(request, weights, scenario, scenario.tokens)
-        for name in request.backends:
-            result = profile_row(request, weights, row, scenario, name, info, peaks, flusher)
-            results.append(result)
-            on_row(result)
+        for in_fmt, fmt_weights, backends in layers:
+            for name in backends:
+                fmt_peaks = peaks[in_fmt.spec.compute_dtype]
+                result = profile_row(in_fmt, fmt_weights, row, scenario, name, info, fmt_peaks, flusher)
+                results.append(result)
+                on_row(result)
     return results

@@ -207,6 +207,26 @@ class MoESpec:
         biases = self.bias_params_per_expert * self.weight_bytes_per_param
         return self._expert_matrix_bytes(self.intermediate_size) + biases
 
+    def expert_bytes_by_part(self) -> dict[str, int]:
+        """One routed expert's bytes by what they hold: codes (the weights themselves when
+        unquantized), scales, zero points, biases; they sum to ``expert_weight_bytes``."""
+        h, f, fmt, b_w = self.hidden_size, self.intermediate_size, self.fmt, self.weight_bytes_per_param
+        matrices = ((self.expert_in_rows, h, f), (h, f, h))
+        if not fmt.quantized:
+            codes, scales, zeros = self.params_per_expert * b_w, 0, 0
+        else:
+            codes = sum(fmt.code_bytes(r, k) for r, k, _ in matrices)
+            scales = sum(fmt.scale_count(r, k, p) for r, k, p in matrices) * fmt.scale_bytes_each
+            zeros = sum(fmt.zero_point_bytes(r, k) for r, k, _ in matrices)
+        biases = self.bias_params_per_expert * b_w
+        return {"codes": codes, "scales": scales, "zero_points": zeros, "biases": biases}
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype the expert GEMMs run in, whose peak divides S-MFU: int8 for ``w8a8``, else the
+        activations' (weight-only formats dequantize into it)."""
+        return self.fmt.compute_dtype or self.act_dtype
+
     @property
     def shared_expert_weight_bytes(self) -> int:
         """Bytes of one shared expert in the weight format (unquantized: P_s · b_w)."""

@@ -223,3 +223,28 @@ def test_vs_transformers_tabulates_each_family(tmp_path, monkeypatch):
         assert f["flop_counter"] == f["project_flops"]
     assert "shared_expert_gate" in families[0]["features"] and "swiglu_oai" in families[1]["features"]
     assert md.read_text().count("| qwen2_moe |") == 1
+
+
+def test_compare_formats_interleaves_every_format_with_its_own_paired_read():
+    load_script("compare")  # puts benchmarks/ on the path
+    formats_script = load_script("compare_formats")
+    spec = tiny_spec(hidden_size=64, intermediate_size=32).with_dtype("float32")
+    info = hardware.detect_device(CPU)
+    peaks = {"float32": hardware.Peaks(40e9, 200e9, "float32", "user", "user")}
+    rows = formats_script.compare_formats(
+        spec, (Scenario("decode", 3),), ("none", "int8", "int4-g16"), ("loop", "dequant"),
+        CPU, info, peaks, {"decode": 3}, formats_script.Console(),
+    )  # fmt: skip
+    assert [(r.weight_format, r.backend) for r in rows] == [
+        ("none", "loop"), ("int8", "dequant"), ("int4-g16", "dequant")
+    ]  # fmt: skip
+    assert [r.expert_bytes for r in rows] == [
+        spec.with_format(f).expert_weight_bytes for f in ("none", "int8", "int4-g16")
+    ]
+    loop = rows[0]
+    assert loop.speedup_vs_none == 1.0 and rows[1].speedup_vs_none is None
+    assert rows[1].speedup_vs_fastest_none == loop.median_s / rows[1].median_s
+    assert all(r.kernel_rel_error < 1e-5 for r in rows)
+    assert rows[0].quant_rel_error == rows[0].kernel_rel_error and rows[2].quant_rel_error > 1e-2
+    table = formats_script.markdown(rows)
+    assert len({line.count("|") for line in table}) == 1 and len(table) == 2 + len(rows)

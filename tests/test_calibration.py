@@ -130,7 +130,7 @@ CORRUPT = {
     "negative bandwidth": (json.dumps({**_valid_json(), "copy_bandwidth_bytes_per_s": -5}), "implausible"),
     "string figure": (json.dumps({**_valid_json(), "read_bandwidth_bytes_per_s": "fast"}), "number"),
     "huge flops": (json.dumps({**_valid_json(), "gemm_flops_per_s": {"bfloat16": 1e30}}), "implausible"),
-    "unknown dtype": (json.dumps({**_valid_json(), "gemm_flops_per_s": {"int8": 1e12}}), "int8"),
+    "unknown dtype": (json.dumps({**_valid_json(), "gemm_flops_per_s": {"int4": 1e12}}), "int4"),
     "spread above 1": (json.dumps({**_valid_json(), "read_bandwidth_spread": 3}), "0 to 1"),
     "unstable": (json.dumps({**_valid_json(), "others_cpu_share": 0.9}), "other processes"),
     "other machine": (json.dumps({**_valid_json(), "machine_id": "someone-else"}), "another machine"),

@@ -146,6 +146,15 @@ BAD = {
     "too big for memory": (lambda p: ["--model", "deepseek-v3", "--dtype", "float32", "--device", "cpu"],
                            "GiB"),
     "bad flag": (lambda p: ["--frobnicate"], "unrecognized"),
+    "unknown weight format": (lambda p: ["--quant", "int3"], "unknown weight format"),
+    "empty weight format": (lambda p: ["--quant", ""], "empty string"),
+    "odd int4 group": (lambda p: ["--quant", "int4-g7"], "group size must be even"),
+    "group not dividing H": (
+        lambda p: ["--model", "gpt-oss-20b", "--quant", "int4-g128"], "groups are not padded"
+    ),
+    "format no chosen backend runs": (
+        lambda p: ["--config", _config(p, "q"), "--backend", "loop", "--quant", "int8"], "cannot run"
+    ),
     "not a rate": (lambda p: ["--peak-bandwidth", "fast"], "not a rate"),
     "peak 1e-300": (lambda p: ["--peak-bandwidth", "1e-300"], "implausible"),
     "peak flops 1e30": (lambda p: ["--peak-flops", "1e30"], "implausible"),

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from moecap_kernels.dtypes import TORCH_DTYPES, canonical_dtype
+from moecap_kernels.dtypes import TORCH_DTYPES, canonical_compute_dtype
 from moecap_kernels.errors import UserError
 from moecap_kernels.files import cache_root, write_atomic
 from moecap_kernels.hardware.cpu_load import OthersShare
@@ -120,7 +120,7 @@ class Calibration:
         if data.get("schema") != CACHE_SCHEMA:
             raise ValueError(f"written in another format (schema {data.get('schema')!r}, not {CACHE_SCHEMA})")
         flops = {
-            canonical_dtype(k): _plausible(f"{k} GEMM", v, PLAUSIBLE_FLOPS, "FLOP/s")
+            canonical_compute_dtype(k): _plausible(f"{k} GEMM", v, PLAUSIBLE_FLOPS, "FLOP/s")
             for k, v in dict(data["gemm_flops_per_s"]).items()
         }
         share = data.get("others_cpu_share")
@@ -138,12 +138,14 @@ class Calibration:
                 "copy bandwidth", data["copy_bandwidth_bytes_per_s"], PLAUSIBLE_BANDWIDTH, "B/s"
             ),
             gemm_flops_per_s=flops,
-            gemm_sizes={canonical_dtype(k): int(v) for k, v in dict(data["gemm_sizes"]).items()},
-            gemm_notes={canonical_dtype(k): str(v) for k, v in dict(data.get("gemm_notes", {})).items()},
+            gemm_sizes={canonical_compute_dtype(k): int(v) for k, v in dict(data["gemm_sizes"]).items()},
+            gemm_notes={
+                canonical_compute_dtype(k): str(v) for k, v in dict(data.get("gemm_notes", {})).items()
+            },
             read_bandwidth_spread=_fraction("read_bandwidth_spread", data["read_bandwidth_spread"]),
             copy_bandwidth_spread=_fraction("copy_bandwidth_spread", data["copy_bandwidth_spread"]),
             gemm_spreads={
-                canonical_dtype(k): _fraction(f"gemm_spreads.{k}", v)
+                canonical_compute_dtype(k): _fraction(f"gemm_spreads.{k}", v)
                 for k, v in dict(data["gemm_spreads"]).items()
             },
             others_cpu_share=None if share is None else _fraction("others_cpu_share", share),
@@ -226,7 +228,7 @@ def cached_calibration(
     cal, ignored = read_cache(info)
     if cal is None:
         return None, ignored or "none cached yet"
-    missing = [d for d in (canonical_dtype(d) for d in dtypes) if d not in cal.gemm_flops_per_s]
+    missing = [d for d in (canonical_compute_dtype(d) for d in dtypes) if d not in cal.gemm_flops_per_s]
     if missing:
         return None, f"the cached one lacks {', '.join(missing)}"
     if cal.quick and not quick:
@@ -254,7 +256,7 @@ def calibrate(
     CPUs) is measured at smaller sizes and flagged in ``gemm_notes`` rather than waited on.
     """
     device = torch.device(device)
-    wanted = [canonical_dtype(d) for d in dtypes]
+    wanted = [canonical_compute_dtype(d) for d in dtypes]
     info = detect_device(device)
     why = "asked for"
     if not force:
@@ -413,6 +415,8 @@ def _measure_bandwidth(device: torch.device, info: DeviceInfo, plan: _Plan) -> t
 
 
 def _gemm_operands(n: int, dtype: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if dtype == "int8":
+        return tuple(torch.randint(-127, 128, (n, n), device=device, dtype=torch.int8) for _ in range(2))
     a = torch.randn(n, n, device=device, dtype=TORCH_DTYPES[dtype])
     return a, torch.randn(n, n, device=device, dtype=TORCH_DTYPES[dtype])
 
@@ -420,12 +424,15 @@ def _gemm_operands(n: int, dtype: str, device: torch.device) -> tuple[torch.Tens
 def _gemm_rate(
     n: int, dtype: str, device: torch.device, reps: int, *, inner: int = 1, warmup: int = 0
 ) -> float:
-    """2n³ / the fastest of ``reps`` timed calls of an n×n×n matmul (``out=`` reused)."""
+    """2n³ / the fastest of ``reps`` timed calls of an n×n×n matmul (``out=`` reused); int8 through
+    ``torch._int_mm`` (int32 results), the GEMM a w8a8 layer runs."""
     a, b = _gemm_operands(n, dtype, device)
-    out = torch.empty_like(a)
-    stats = _per_call(
-        functools.partial(torch.matmul, a, b, out=out), device, reps=reps, inner=inner, warmup=warmup
-    )
+    if dtype == "int8":
+        out = torch.empty(n, n, device=device, dtype=torch.int32)
+        call = functools.partial(torch._int_mm, a, b, out=out)
+    else:
+        call = functools.partial(torch.matmul, a, b, out=torch.empty_like(a))
+    stats = _per_call(call, device, reps=reps, inner=inner, warmup=warmup)
     return 2 * n**3 / min(stats.samples_s)
 
 

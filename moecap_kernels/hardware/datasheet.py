@@ -14,7 +14,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from moecap_kernels.dtypes import canonical_dtype
+from moecap_kernels.dtypes import canonical_compute_dtype
 
 TERA = 1e12
 
@@ -38,13 +38,20 @@ class DatasheetEntry:
     source: str
     url: str
     tf32_flops: float | None = None
+    int8_ops: float | None = None  # dense int8 tensor-core OP/s, where the table has it
     exclude: tuple[str, ...] = ()
     note: str = ""  # what we could and could not verify, and any caveat
 
-    def peak_flops(self, dtype: str) -> float:
-        """Dense peak FLOP/s for ``dtype`` (canonical or alias name)."""
-        key = canonical_dtype(dtype)
-        return {"bfloat16": self.bf16_flops, "float16": self.fp16_flops, "float32": self.fp32_flops}[key]
+    def peak_flops(self, dtype: str) -> float | None:
+        """Dense peak FLOP/s (OP/s for int8) for ``dtype`` (canonical or alias name); None when the
+        table has no figure for it."""
+        key = canonical_compute_dtype(dtype)
+        return {
+            "bfloat16": self.bf16_flops,
+            "float16": self.fp16_flops,
+            "float32": self.fp32_flops,
+            "int8": self.int8_ops,
+        }[key]
 
     def matches(self, normalized_name: str) -> bool:
         return all(re.search(p, normalized_name) for p in self.match) and not any(
@@ -53,7 +60,7 @@ class DatasheetEntry:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DatasheetEntry:
-        tf32 = data.get("tf32_tflops")
+        tf32, int8 = data.get("tf32_tflops"), data.get("int8_tops")
         return cls(
             key=data["key"],
             name=data["name"],
@@ -66,6 +73,7 @@ class DatasheetEntry:
             source=data["source"],
             url=data["url"],
             tf32_flops=None if tf32 is None else tf32 * TERA,
+            int8_ops=None if int8 is None else int8 * TERA,
             exclude=tuple(data.get("exclude", ())),
             note=data.get("note", ""),
         )

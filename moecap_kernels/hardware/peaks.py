@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moecap_kernels.dtypes import canonical_dtype
+from moecap_kernels.dtypes import canonical_compute_dtype
 from moecap_kernels.errors import UserError
 from moecap_kernels.hardware.calibration import Calibration
 from moecap_kernels.hardware.datasheet import datasheet_entry
@@ -79,7 +79,7 @@ def resolve_peaks(
     there is no datasheet: the calibration is the default. A calibration measured on another
     machine is a caller bug (ValueError). Missing figures raise a one-line UserError.
     """
-    dtype = canonical_dtype(dtype)
+    dtype = canonical_compute_dtype(dtype)
     peak_bandwidth = check_override("--peak-bandwidth", peak_bandwidth, PLAUSIBLE_BANDWIDTH, "B/s")
     peak_flops = check_override("--peak-flops", peak_flops, PLAUSIBLE_FLOPS, "FLOP/s")
     if calibration is not None and calibration.machine_id != info.machine_id:
@@ -103,7 +103,7 @@ def resolve_peaks(
         )
     if peak_flops is not None:
         flops = (peak_flops, "user: --peak-flops", None)
-    elif entry is not None:
+    elif entry is not None and entry.peak_flops(dtype) is not None:
         flops = (entry.peak_flops(dtype), f"datasheet: {entry.name}", None)
     elif calibration is not None and dtype in calibration.gemm_flops_per_s:
         slow = f" ({dtype} GEMM on a slow path)" if dtype in calibration.gemm_notes else ""

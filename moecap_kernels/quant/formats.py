@@ -135,6 +135,11 @@ _FIXED = {
 }
 _INT4 = re.compile(r"int4-g(\d+)(-zp)?")
 FORMAT_NAMES = (*_FIXED, "int4-gN", "int4-gN-zp")
+# What ``--quant all`` profiles: every format, int4 at the group size GPTQ/AWQ checkpoints use most.
+ALL_FORMATS = (
+    *("none", "int8", "w8a8", "int4-g128", "int4-g128-zp"),
+    *("fp8-tensor", "fp8-channel", "fp8-block", "mxfp4"),
+)
 
 
 def weight_format(name: str) -> WeightFormat:
