@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from moecap_kernels.kernels import ops
 from moecap_kernels.kernels.align import align_tokens
 from moecap_kernels.kernels.configs import KernelConfig
+from tests.triton_compile import DENSE_CONSTEXPRS, LAYOUT_POINTERS, compile_ptx, has_atomics
 
 TOLERANCE = {torch.float16: 1e-2, torch.float32: 1e-4}
 
@@ -332,50 +332,9 @@ def test_custom_ops_pass_opcheck():
 
 
 # --- compiled mode: the kernels build for Hopper (sm_90) even without a GPU -----------------------
-def _hopper_compile(
-    kernel,
-    pointers: dict[str, str],
-    constexprs: dict,
-    unit_strides: tuple[str, ...],
-    num_warps: int,
-    num_stages: int,
-):
-    """Compile ``kernel`` to a cubin for sm_90 with Triton's bundled ptxas; the PTX text."""
-    import triton
-
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError:
-        pytest.skip("this triton has no ASTSource/GPUTarget")
-    if "nvidia" not in getattr(triton.backends, "backends", {}):
-        pytest.skip("this triton has no NVIDIA backend")
-    fn = triton.jit(kernel.fn)  # TRITON_INTERPRET is unset here: a compiled JITFunction
-    constexprs = {**constexprs, **dict.fromkeys(unit_strides, 1)}  # as the launcher specialises them
-    signature = {
-        name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in fn.arg_names
-    }
-    try:
-        source = ASTSource(fn, signature, constexprs)
-    except TypeError:
-        pytest.skip("this triton's ASTSource takes other arguments")
-    target = GPUTarget("cuda", 90, 32)
-    compiled = triton.compile(
-        source, target=target, options={"num_warps": num_warps, "num_stages": num_stages}
-    )
-    return compiled.asm["ptx"]
-
-
-def _has_atomics(ptx: str) -> bool:
-    return re.search(r"^\s*(@%p\d+\s+)?(atom|red)\.", ptx, re.MULTILINE) is not None
-
-
-LAYOUT_POINTERS = {
-    "pair_ids_ptr": "*i32",
-    "block_expert_ptr": "*i32",
-    "num_padded_ptr": "*i32",
-    "counters_ptr": "*i64",
-}
+def quant_pointers(dtype: str) -> dict[str, str]:
+    """Dense experts: the scale, zero-point and activation-scale pointers are never read (x's type)."""
+    return dict.fromkeys(("scale_ptr", "zero_ptr", "a_scale_ptr"), f"*{dtype}")
 
 
 @pytest.mark.parametrize(
@@ -401,6 +360,7 @@ def test_gate_up_compiles_for_hopper(monkeypatch, dtype, block, gated, activatio
         "pair_weights_ptr": "*fp32",
         "alpha": "fp32",
         "limit": "fp32",
+        **quant_pointers(dtype),
         **LAYOUT_POINTERS,
     }
     block_m, block_n, block_k = block
@@ -416,8 +376,9 @@ def test_gate_up_compiles_for_hopper(monkeypatch, dtype, block, gated, activatio
         WEIGHTS_ON_INPUT=extras,
         INPUT_PRECISION="ieee" if dtype == "fp32" else None,
         COUNT=count,
+        **DENSE_CONSTEXPRS,
     )
-    ptx = _hopper_compile(
+    ptx = compile_ptx(
         gate_up_kernel,
         pointers,
         constexprs,
@@ -425,7 +386,7 @@ def test_gate_up_compiles_for_hopper(monkeypatch, dtype, block, gated, activatio
         num_warps=8 if block_m == 128 else 4,
         num_stages=3,
     )
-    assert _has_atomics(ptx) == count  # the counters are compiled in only when COUNT is on
+    assert has_atomics(ptx) == count  # the counters are compiled in only when COUNT is on
     if dtype == "bf16" and block_m >= 64:
         assert "wgmma" in ptx
 
@@ -443,6 +404,7 @@ def test_down_and_combine_compile_for_hopper(monkeypatch, dtype, atomic, count):
         "out_ptr": "*fp32",
         "pair_weights_ptr": "*fp32",
         "bias_ptr": f"*{dtype}",
+        **quant_pointers(dtype),
         **LAYOUT_POINTERS,
     }
     constexprs = dict(
@@ -455,13 +417,14 @@ def test_down_and_combine_compile_for_hopper(monkeypatch, dtype, atomic, count):
         HAS_BIAS=atomic,
         INPUT_PRECISION=None,
         COUNT=count,
+        **DENSE_CONSTEXPRS,
     )
-    ptx = _hopper_compile(
+    ptx = compile_ptx(
         down_kernel, pointers, constexprs, ("stride_hf", "stride_wf", "stride_oh"), num_warps=4, num_stages=3
     )
-    assert _has_atomics(ptx) == (atomic or count)
+    assert has_atomics(ptx) == (atomic or count)
     rows = {"routed_ptr": "*fp32", "shared_ptr": "*fp32", "y_ptr": f"*{dtype}"}
-    ptx = _hopper_compile(
+    ptx = compile_ptx(
         combine_kernel, rows, dict(TOP_K=8, NUM_SHARED=1, BLOCK_H=256), (), num_warps=4, num_stages=1
     )
-    assert not _has_atomics(ptx)
+    assert not has_atomics(ptx)

@@ -7,6 +7,13 @@ and the combine fused (float atomics, or per-pair rows plus a fixed-order reduct
 token is routed to with weight 1 (a second pair of launches, since their F may differ). No host
 synchronisation anywhere in the forward.
 
+Quantized experts (``weights.quantized``, every format but ``none``) are read as codes, scales and
+zero points, and dequantized inside the kernels' K loop (``kernels/grouped_gemm.py``), the
+activations staying in their dtype; ``w8a8`` quantizes x and each pair's act(gate)·up row to int8
+per row first (``kernels/act_quant.py``) and runs int8 dot products. Refused: int4 group sizes
+that are not multiples of 16 (a K step never straddles two groups, and a dot product's K is at
+least 16), and w8a8 reductions long enough to overflow its int32 sums.
+
 Options (attributes): ``count`` compiles in the kernels' own counters (padded rows, executed
 FLOPs, issued weight bytes; see :meth:`read_kernel_counters`), ``deterministic`` picks the
 reproducible combine, ``config`` forces launch parameters (else tuned file or heuristic; the last
@@ -23,15 +30,33 @@ import torch
 from moecap_kernels.backends import register
 from moecap_kernels.backends.base import Backend, shared_as_routing
 from moecap_kernels.nvtx import nvtx_range
+from moecap_kernels.quant.formats import FORMAT_NAMES
 from moecap_kernels.spec import MoESpec
 from moecap_kernels.weights import MoEWeights
 
 COUNTER_FIELDS = ("padded_rows", "executed_flops", "issued_weight_bytes")
+INT8_MAX_REDUCTION = (2**31 - 1) // (127 * 127)  # w8a8: K · 127² must fit the int32 sums
+
+
+def _operands(x: torch.Tensor, weights: MoEWeights, spec: MoESpec) -> tuple[torch.Tensor, tuple, tuple]:
+    """(activations, (w_in, w_out, shared w_in, shared w_out), expert biases) as the kernels take them:
+    dense experts in the weights' dtype (x cast to it), or quantized ones with x and the biases in
+    the activations' dtype."""
+    biases = (weights.w_in_bias, weights.w_out_bias)
+    if not spec.fmt.quantized:
+        xw = x if x.dtype == weights.w_in.dtype else x.to(weights.w_in.dtype)
+        return xw, (weights.w_in, weights.w_out, weights.shared_w_in, weights.shared_w_out), biases
+    if weights.quantized is None:
+        raise ValueError(f"{spec.weight_format} experts need weights.quantized (quant.layer.in_format)")
+    q = weights.quantized
+    biases = tuple(b if b is None or b.dtype == x.dtype else b.to(x.dtype) for b in biases)
+    return x, (q.w_in, q.w_out, q.shared_w_in, q.shared_w_out), biases
 
 
 @register("triton")
 class TritonBackend(Backend):
     description = "Triton grouped GEMMs: fused gate/up+act, down with fused weighting and combine"
+    weight_formats = FORMAT_NAMES
 
     def __init__(self, count: bool = False, deterministic: bool = False, config: Any = None) -> None:
         self.count = count
@@ -55,6 +80,19 @@ class TritonBackend(Backend):
                 "use float16 or float32 on the CPU"
             )
         return None
+
+    def supports(self, spec: MoESpec) -> str | None:
+        why = self.format_unsupported(spec)
+        fmt = spec.fmt
+        if why is None and fmt.codes == "uint4" and fmt.group_size % 16:
+            why = (
+                f"triton dequantizes int4 in K steps of 16 or more weights within one group: "
+                f"{spec.weight_format}'s group of {fmt.group_size} is not a multiple of 16"
+            )
+        longest = max(spec.hidden_size, spec.intermediate_size, spec.shared_intermediate_size)
+        if why is None and fmt.int8_activations and longest > INT8_MAX_REDUCTION:
+            why = f"triton's w8a8 sums int8 products in int32: K = {longest} > {INT8_MAX_REDUCTION} overflows"
+        return why
 
     # --- kernel counters -------------------------------------------------------------
     def _counter_buffer(self, device: torch.device) -> torch.Tensor:
@@ -93,21 +131,15 @@ class TritonBackend(Backend):
             self.reset_kernel_counters()
 
     # --- forward -----------------------------------------------------------------------
-    def _choose_config(self, x: torch.Tensor, w_in: torch.Tensor, spec: MoESpec) -> Any:
-        from moecap_kernels.kernels.configs import get_config
+    def _choose_config(self, x: torch.Tensor, dtype: torch.dtype, spec: MoESpec) -> Any:
+        """The forced config or the tuned/heuristic one, fitted to the weight format (BLOCK_K)."""
+        from moecap_kernels.kernels.configs import for_format, get_config
 
+        fmt = spec.fmt if spec.fmt.quantized else None
         if self.config is not None:
-            return self.config
-        return get_config(
-            x.shape[0],
-            spec.num_experts,
-            spec.top_k,
-            spec.hidden_size,
-            spec.intermediate_size,
-            w_in.dtype,
-            x.device,
-            spec.gated,
-        )
+            return self.config if fmt is None else for_format(self.config, fmt)
+        shape = (x.shape[0], spec.num_experts, spec.top_k, spec.hidden_size, spec.intermediate_size)
+        return get_config(*shape, dtype, x.device, spec.gated, weight_format=fmt)
 
     def forward(
         self,
@@ -119,10 +151,10 @@ class TritonBackend(Backend):
     ) -> torch.Tensor:
         from moecap_kernels.kernels.ops import fused_experts, moe_combine
 
-        config = self._choose_config(x, weights.w_in, spec)
+        xw, (w_in, w_out, shared_in, shared_out), biases = _operands(x, weights, spec)
+        config = self._choose_config(x, xw.dtype, spec)
         self.last_config = config
         counters = self._counter_buffer(x.device) if self.count else None
-        xw = x if x.dtype == weights.w_in.dtype else x.to(weights.w_in.dtype)
         options = dict(
             gated=spec.gated,
             activation=spec.activation,
@@ -131,12 +163,11 @@ class TritonBackend(Backend):
             swiglu_alpha=spec.swiglu_alpha,
             swiglu_limit=spec.swiglu_limit,
         )
-        biases = (weights.w_in_bias, weights.w_out_bias)
         with nvtx_range("experts", x.device):
             routed = fused_experts(
                 xw,
-                weights.w_in,
-                weights.w_out,
+                w_in,
+                w_out,
                 topk_ids,
                 topk_weights,
                 config,
@@ -147,9 +178,7 @@ class TritonBackend(Backend):
             shared = None
             if spec.num_shared_experts:
                 ids, gates = shared_as_routing(x, weights, spec)
-                shared = fused_experts(
-                    xw, weights.shared_w_in, weights.shared_w_out, ids, gates, config, **options
-                )
+                shared = fused_experts(xw, shared_in, shared_out, ids, gates, config, **options)
         with nvtx_range("combine", x.device):
             if self.deterministic:
                 rows = routed.new_empty((0, routed.shape[1])) if shared is None else shared

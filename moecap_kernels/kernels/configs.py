@@ -5,6 +5,9 @@ Tuned files live in ``moecap_kernels/configs/`` and are named
 token count M (as a string) to ``{"block_m", "block_n", "block_k", "group_m", "num_warps",
 "num_stages"}``. The entry whose M is nearest the layer's token count is used. Without a file the
 heuristic below (aimed at Hopper: H100/H200) is used, and :attr:`KernelConfig.source` says so.
+Quantized experts look for files whose name ends in ``,weight_format={name}`` (a dense table is
+never applied to them), and every config is then fitted to the format (:func:`for_format`:
+group-wise scales need ``BLOCK_K`` to divide the group).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 import torch
 
 from moecap_kernels.errors import UserError
+from moecap_kernels.quant.formats import WeightFormat
 
 CONFIG_KEYS = ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages")
 # Shared memory a pipelined stage may use (H100/H200 allow 227 KiB per block; keep some headroom).
@@ -50,8 +54,12 @@ class KernelConfig:
         return [getattr(self, key) for key in CONFIG_KEYS]
 
 
-def config_file_name(num_experts: int, intermediate_size: int, device_name: str, dtype: str) -> str:
-    return f"E={num_experts},N={intermediate_size},device_name={device_name},dtype={dtype}.json"
+def config_file_name(
+    num_experts: int, intermediate_size: int, device_name: str, dtype: str, weight_format: str = "none"
+) -> str:
+    """The tuned table's file name; ``dtype`` is the activations', ``weight_format`` the experts'."""
+    quantized = "" if weight_format == "none" else f",weight_format={weight_format}"
+    return f"E={num_experts},N={intermediate_size},device_name={device_name},dtype={dtype}{quantized}.json"
 
 
 def device_name(device: torch.device) -> str:
@@ -139,14 +147,42 @@ def get_config(
     device: torch.device,
     gated: bool = True,
     folder: str | None = None,
+    weight_format: WeightFormat | None = None,
 ) -> KernelConfig:
-    """The tuned config nearest ``num_tokens`` if a file matches, else the heuristic (``source`` says)."""
+    """The tuned config nearest ``num_tokens`` if a file matches, else the heuristic (``source``
+    says), fitted to ``weight_format`` (quantized experts; ``dtype`` is then the activations')."""
     dtype_name = str(dtype).removeprefix("torch.")
-    name = config_file_name(num_experts, intermediate_size, device_name(device), dtype_name)
+    fmt_name = "none" if weight_format is None else weight_format.name
+    name = config_file_name(num_experts, intermediate_size, device_name(device), dtype_name, fmt_name)
     table = load_tuned(name, folder)
     if table:
-        nearest = min(table, key=lambda m: (abs(m - num_tokens), m))
-        return table[nearest]
-    elem_bytes = torch.empty((), dtype=dtype).element_size()
-    cfg = heuristic_config(num_tokens, num_experts, top_k, hidden_size, intermediate_size, elem_bytes, gated)
-    return replace(cfg, source=f"heuristic (no tuned file {name})")
+        cfg = table[min(table, key=lambda m: (abs(m - num_tokens), m))]
+    else:
+        elem_bytes = torch.empty((), dtype=dtype).element_size()
+        shape = (num_tokens, num_experts, top_k, hidden_size, intermediate_size)
+        cfg = replace(heuristic_config(*shape, elem_bytes, gated), source=f"heuristic (no tuned file {name})")
+    return cfg if weight_format is None else for_format(cfg, weight_format)
+
+
+def format_block_k(fmt: WeightFormat, block_k: int) -> int:
+    """The BLOCK_K the kernels run ``fmt`` at, from ``block_k``: unchanged without group-wise scales,
+    else the largest power of two that divides the group and is at most ``block_k`` (a K step then
+    stays within one group). A UserError when that is below 16, the least K of a dot product."""
+    if not fmt.quantized or not fmt.group_size:
+        return block_k
+    fitted = min(block_k, fmt.group_size & -fmt.group_size)  # the group's largest power-of-two divisor
+    if fitted < 16:
+        raise UserError(
+            f"{fmt.name}: the Triton kernels need groups that are multiples of 16 weights along K "
+            f"(a K step of at least 16 within one group), not {fmt.group_size}"
+        )
+    return fitted
+
+
+def for_format(cfg: KernelConfig, fmt: WeightFormat) -> KernelConfig:
+    """``cfg`` with the BLOCK_K that ``fmt``'s groups allow (:func:`format_block_k`), saying so in
+    ``source`` when it changed."""
+    block_k = format_block_k(fmt, cfg.block_k)
+    if block_k == cfg.block_k:
+        return cfg
+    return replace(cfg, block_k=block_k, source=f"{cfg.source}; block_k {block_k} for {fmt.name}'s groups")
