@@ -52,6 +52,12 @@ def _rows(paths: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def _label(row: dict[str, Any]) -> str:
+    """The backend, and the experts' weight format when they are quantized."""
+    fmt = row.get("weight_format", "none")
+    return row["backend"] if fmt == "none" else f"{row['backend']} ({fmt})"
+
+
 def table(paths: list[str], ceilings: str | None, markdown: str | None) -> None:
     rows = _rows(paths)
     measured = None
@@ -71,13 +77,18 @@ def table(paths: list[str], ceilings: str | None, markdown: str | None) -> None:
         kernel = r.get("kernel")
         waste = f"{kernel['padding_waste']:.2f}" if kernel else "—"
         lines.append(
-            f"| {r['model']} | {r['phase']} | {r['tokens']} | {r['backend']} "
+            f"| {r['model']} | {r['phase']} | {r['tokens']} | {_label(r)} "
             f"| {r['time_s']['median'] * 1e3:.3f} ms "
             f"| {r['s_mbu']:.2f} | {bw_meas} | {r['s_mfu']:.2f} | {flops_meas} "
             f"| {r['accuracy']['rel_error']:.1e} | {waste} |"
         )
     for model, phase, max_tokens, metric, threshold in GOALS:
-        best = [r for r in rows if r["model"] == model and r["phase"] == phase and r["tokens"] <= max_tokens]
+        best = [
+            r
+            for r in rows
+            if (r["model"], r["phase"], r.get("weight_format", "none")) == (model, phase, "none")
+            and r["tokens"] <= max_tokens
+        ]
         for tokens in sorted({r["tokens"] for r in best}):
             top = max((r for r in best if r["tokens"] == tokens), key=lambda r: r[metric])
             verdict = "meets" if top[metric] >= threshold else "misses"

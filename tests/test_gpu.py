@@ -97,3 +97,23 @@ def test_cuda_counters_and_alignment_match_cpu(routing, tokens):
         assert torch.equal(got.sorted_pair_ids.cpu(), want.sorted_pair_ids)
         assert torch.equal(got.block_expert_ids.cpu(), want.block_expert_ids)
         assert torch.equal(got.num_padded.cpu(), want.num_padded)
+
+
+@pytest.mark.parametrize(
+    "fmt", ["int8", "w8a8", "int4-g128", "int4-g64-zp", "fp8-tensor", "fp8-channel", "fp8-block", "mxfp4"]
+)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("tokens", [1, 37, 512])
+def test_triton_quantized_matches_dequantized_float64_on_gpu(fmt, dtype, tokens):
+    """Compiled kernels dequantizing in their K loop, against the float64 layer with the dequantized
+    weights (the interpreter tests in test_triton_quant.py check the same on the CPU)."""
+    from moecap_kernels.quant.layer import in_format
+
+    spec = MoESpec(name="q", **LAYERS["shared"]).with_dtype(dtype).with_format(fmt)
+    weights = in_format(random_weights(spec, CUDA, seed=2), spec)
+    gen = torch.Generator(device=CUDA).manual_seed(3)
+    x = torch.randn(tokens, spec.hidden_size, generator=gen, device=CUDA).to(torch_dtype(dtype))
+    ids, w = route_tokens(x, weights, spec)
+    y = get_backend("triton").forward(x, weights, spec, ids, w)
+    assert y.dtype == x.dtype and y.isfinite().all()
+    assert relative_error(y, reference_forward(x, weights, spec, ids, w, dequantized=True)) < 1e-2
