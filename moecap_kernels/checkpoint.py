@@ -130,14 +130,25 @@ def _first(ckpt: Checkpoint, names: Iterable[str]) -> str | None:
     return next((n for n in names if ckpt.has(n)), None)
 
 
+DENSE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 class _Shapes:
-    """Checks every tensor against the spec's shape, naming it when it does not fit."""
+    """Checks every tensor against the spec's shape, naming it when it does not fit, and refuses
+    quantized tensors (fp8 or integer codes): read without their scales they would be wrong values."""
 
     def __init__(self, ckpt: Checkpoint) -> None:
         self.ckpt = ckpt
 
     def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         tensor = self.ckpt.get(name)
+        if tensor.dtype not in DENSE_DTYPES:
+            stored = str(tensor.dtype).removeprefix("torch.")
+            raise UserError(
+                f"--weights {self.ckpt.folder}: {name!r} is stored as {stored}"
+                ": loading a quantized checkpoint's own tensors is not implemented; profile its config "
+                "(--config, random weights in its format) or a dense checkpoint with --quant"
+            )
         if tuple(tensor.shape) != shape:
             raise UserError(
                 f"--weights {self.ckpt.folder}: {name!r} has shape {list(tensor.shape)}, the config's layer "

@@ -359,7 +359,10 @@ def resolve_backends(
     missing = [f for f in formats if f not in covered]
     if not chosen or missing:
         what = f" in weight format {', '.join(missing)}" if missing and chosen else ""
-        raise UserError(f"no chosen backend can run {spec.name}{what} on {device} with {spec.act_dtype}")
+        raise UserError(
+            f"no chosen backend can run {spec.name}{what} on {device} with {spec.act_dtype} "
+            "(--list-backends says which weight formats each computes)"
+        )
     return tuple(chosen), skipped
 
 
@@ -457,7 +460,9 @@ def list_backends(console: Console, device: torch.device) -> None:
         backend = get_backend(name)
         why_not = backend.availability(device, torch.bfloat16)
         where = "available" if why_not is None else f"unavailable: {why_not}"
-        console.print(f"[bold]{name}[/bold]  {backend.description}  [dim]({device.type}: {where})[/dim]")
+        formats = ", ".join(backend.weight_formats)
+        status = f"[dim]({device.type}: {where})[/dim]"
+        console.print(f"[bold]{name}[/bold]  {backend.description}; experts: {formats}  {status}")
 
 
 def _console() -> Console:

@@ -53,6 +53,22 @@ def _config(p: Path, name: str, **fields: object) -> str:
     return str(tiny_config(p / name, **fields))
 
 
+def _fp8_checkpoint(p: Path) -> list[str]:
+    """A Mixtral-layout checkpoint whose experts are float8_e4m3fn tensors (as DeepSeek-V3 stores
+    them, their scales elsewhere): read as values they would be wrong, so they must be refused."""
+    from safetensors.torch import save_file
+
+    hidden, inter, experts = 64, 48, 8
+    folder = tiny_config(p / "fp8", hidden=hidden, inter=inter, experts=experts).parent
+    m = "model.layers.0.block_sparse_moe."
+    tensors = {m + "gate.weight": torch.randn(experts, hidden)}
+    for i in range(experts):
+        for name, shape in (("w1", (inter, hidden)), ("w3", (inter, hidden)), ("w2", (hidden, inter))):
+            tensors[f"{m}experts.{i}.{name}.weight"] = torch.randn(shape).to(torch.float8_e4m3fn)
+    save_file(tensors, str(folder / "model.safetensors"))
+    return ["--weights", str(folder)]
+
+
 # name → (arguments given a scratch folder p, text the one stderr line must hold, extra environment)
 BAD = {
     "unknown model": (lambda p: ["--model", "gpt-17"], "unknown model"),
@@ -174,6 +190,7 @@ BAD = {
     "weights not a folder": (lambda p: ["--weights", str(p / "nowhere")], "not a folder"),
     "weights with a preset": (lambda p: ["--weights", str(p), "--model", "olmoe-1b-7b"], "not --model"),
     "layer without weights": (lambda p: ["--layer", "3"], "give --weights"),
+    "fp8 checkpoint tensors": (_fp8_checkpoint, "float8_e4m3fn"),
     "weights without tensors": (lambda p: ["--weights", str(p), "--config", _config(p, "w")],
                                 "no .safetensors"),
 }  # fmt: skip
@@ -294,3 +311,4 @@ def test_written_json_is_strict(tmp_path: Path) -> None:
 
     doc = json.loads(out_json.read_text(), parse_constant=refuse)
     assert "nulls" not in doc and doc["results"][0]["peak"]["caveat"] is None
+
