@@ -72,9 +72,12 @@ def print_plan(
     console.print("dry run: nothing allocated, nothing timed", style="bold")
     console.print(layer_table(request, origins))
     tokens = ", ".join(str(s.tokens) for s in request.scenarios)
+    spec = request.spec
     lines = [
         f"scenarios: {request.scenarios[0].phase}, T = {tokens}; routing {request.routing.describe()}; "
         f"weights {request.weights_source}",
+        "bytes per routed expert (codes + scales + zero points + biases): "
+        + "; ".join(f"{f} {spec.with_format(f).expert_weight_bytes:,} B" for f in request.weight_formats),
         "backends: "
         + "; ".join(f"{f}: {', '.join(request.backends_for(f))}" for f in request.weight_formats)
         + "".join(f"; not {name}: {why}" for name, why in skipped.items()),

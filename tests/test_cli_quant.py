@@ -88,3 +88,15 @@ def test_a_checkpoint_in_fp8_is_profiled_in_fp8_blocks_by_default(tmp_path, caps
     # partial 128-blocks: 192 rows per projection → 2 row blocks each; 256 and 192 columns → 2 each
     q = rows[0]["quant"]
     assert q["scale_bytes"] == 4 * (2 * 2 * 2 + 2 * 2)
+
+
+def test_dry_run_prints_each_formats_bytes_per_expert(tmp_path, capsys) -> None:
+    config = tiny_config(tmp_path / "m", hidden=HIDDEN, inter=INTER, experts=EXPERTS)
+    formats = ["none", "w8a8", "int4-g32-zp", "fp8-tensor"]
+    assert main(["--config", str(config), "--quant", ",".join(formats), "--dry-run", *FAST]) == 0
+    printed = " ".join(capsys.readouterr()[0].split())  # undo the console's wrapping
+    for fmt in formats:
+        expert = matrix_bytes_by_hand(fmt, 2 * INTER, HIDDEN, INTER, 4) + matrix_bytes_by_hand(
+            fmt, HIDDEN, INTER, HIDDEN, 4
+        )
+        assert f"{fmt} {expert:,} B" in printed
