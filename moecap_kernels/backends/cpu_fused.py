@@ -12,6 +12,12 @@ weights on every call. The packed copy costs one more copy of the expert weights
 forward that needs it. Where oneDNN cannot pack the dtype (float16 without AVX512-FP16) the plain
 ``grouped`` path runs. ``python benchmarks/cpu_kernel_bench.py`` times the op, the packed GEMMs and
 the torch loop side by side; the threshold is their crossover on the 2-core CI machine.
+
+Quantized experts (``weights.quantized``, every format of ``weight_formats``) always go through the
+compiled ``moecap::moe_experts_cpu_q`` op (csrc/cpu_moe_quant.cpp), routed and shared alike, at any
+token count: it dequantizes inside the streaming kernel, so codes and scales are read once and no
+dequantized copy is made. x and the biases stay in the activations' dtype.
+``python benchmarks/quant_kernel_bench.py`` times it per format against bf16 and a streaming read.
 """
 
 from __future__ import annotations
@@ -25,10 +31,23 @@ import torch
 from moecap_kernels.backends import register
 from moecap_kernels.backends.base import Backend, ExpertMLP, activate, add_shared_experts, shared_as_routing
 from moecap_kernels.backends.grouped import grouped_experts
+from moecap_kernels.quant.quantize import QuantizedMatrix
 from moecap_kernels.spec import MoESpec
 from moecap_kernels.weights import MoEWeights
 
 OP_NAME = "moe_experts_cpu"
+QUANT_OP_NAME = "moe_experts_cpu_q"
+# moe_experts_cpu_q's fmt codes, by (codes, zero points, int8 activations) of a WeightFormat
+QUANT_FORMAT_CODES = {
+    ("int8", False, False): 0,
+    ("int8", False, True): 1,
+    ("uint4", False, False): 2,
+    ("uint4", True, False): 3,
+    ("e4m3", False, False): 4,
+    ("e2m1", False, False): 5,
+}
+# w8a8 sums int8 products in int32 (x biased to uint8 for vpdpbusd): exact while K · 255 · 127 < 2^31
+W8A8_MAX_REDUCTION = 66311
 # the op's codes; "gelu" is the erf form, as F.gelu; swiglu_oai is gpt-oss' clamped SwiGLU
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "swiglu_oai": 3}
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -41,15 +60,15 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 FUSED_MAX_EXPERT_ROW_BYTES = 16 * 1024
 
 
-def op_unavailable_reason() -> str | None:
-    """None when ``torch.ops.moecap.moe_experts_cpu`` can run, else one line saying why not."""
+def op_unavailable_reason(name: str = OP_NAME) -> str | None:
+    """None when ``torch.ops.moecap.<name>`` (default the dense op) can run, else one line saying why not."""
     try:
         from moecap_kernels import _ext
     except ImportError as exc:
         return f"the extension loader is missing ({exc})"
-    if _ext.has_op(OP_NAME, "cpu"):
+    if _ext.has_op(name, "cpu"):
         return None
-    return f"the compiled op moecap::{OP_NAME} is not available ({_ext.extension_status()})"
+    return f"the compiled op moecap::{name} is not available ({_ext.extension_status()})"
 
 
 def _fits(rows_times_experts: int, experts: int, intermediate: int, spec: MoESpec) -> bool:
@@ -95,13 +114,53 @@ def fused_experts(
     )
 
 
+def quantized_experts(
+    x: torch.Tensor,
+    w_in: QuantizedMatrix,
+    w_out: QuantizedMatrix,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    spec: MoESpec,
+    biases: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+    weights_on_input: bool = False,
+    max_isa: int = -1,
+) -> torch.Tensor:
+    """``fused_experts`` on quantized matrices (``moecap::moe_experts_cpu_q``), dequantized inside the
+    kernel; x and the biases in the activations' dtype (biases cast to x's when they differ)."""
+    fmt = w_in.fmt
+    code = QUANT_FORMAT_CODES[(fmt.codes, fmt.zero_points, fmt.int8_activations)]
+    b_in, b_out = (b if b is None or b.dtype == x.dtype else b.to(x.dtype) for b in biases)
+    return _op(QUANT_OP_NAME)(
+        x.contiguous(),
+        w_in.codes.contiguous(),
+        w_in.scales.contiguous(),
+        None if w_in.zeros is None else w_in.zeros.contiguous(),
+        w_out.codes.contiguous(),
+        w_out.scales.contiguous(),
+        None if w_out.zeros is None else w_out.zeros.contiguous(),
+        topk_ids.contiguous(),
+        topk_weights.contiguous(),
+        code,
+        fmt.group_size,
+        fmt.block_rows,
+        spec.gated,
+        ACTIVATION_CODES[spec.activation],
+        max_isa,
+        b_in,
+        b_out,
+        spec.swiglu_alpha,
+        spec.swiglu_limit,
+        weights_on_input,
+    )
+
+
 @functools.cache
-def _op() -> Callable[..., torch.Tensor]:
-    """The op's overload, looked up once (forwards run inside timed regions); raises if unavailable."""
-    reason = op_unavailable_reason()
+def _op(name: str = OP_NAME) -> Callable[..., torch.Tensor]:
+    """An op's overload, looked up once (forwards run inside timed regions); raises if unavailable."""
+    reason = op_unavailable_reason(name)
     if reason is not None:
         raise RuntimeError(f"cpu_fused: {reason}")
-    return getattr(torch.ops.moecap, OP_NAME).default
+    return getattr(torch.ops.moecap, name).default
 
 
 # --- many tokens per expert: GEMMs on weights packed once for oneDNN -----------------------------
@@ -203,13 +262,37 @@ class CpuFusedBackend(Backend):
     description = (
         "CPU: a compiled kernel streaming each activated expert once (decode), GEMMs on oneDNN-packed weights"
     )
+    weight_formats = (
+        "none",
+        "int8",
+        "w8a8",
+        "int4-gN",
+        "int4-gN-zp",
+        "fp8-tensor",
+        "fp8-channel",
+        "fp8-block",
+        "mxfp4",
+    )
+    max_isa = -1  # the quantized op's code path cap (tests set 0..3; -1: the best this CPU runs)
+
+    def supports(self, spec: MoESpec) -> str | None:
+        why = self.format_unsupported(spec)
+        longest = max(spec.hidden_size, spec.intermediate_size, spec.shared_intermediate_size)
+        if why is None and spec.fmt.int8_activations and longest > W8A8_MAX_REDUCTION:
+            why = (
+                f"cpu_fused's w8a8 sums int8 products in int32: K = {longest} > {W8A8_MAX_REDUCTION} "
+                "could overflow"
+            )
+        return why
 
     def extra_memory_bytes(self, spec: MoESpec, tokens: int) -> int:
-        """The packed copy of the experts, made once GEMMs run (many tokens per expert)."""
-        return spec.total_weight_bytes if uses_gemms(tokens, spec) else 0
+        """The packed copy of the experts, made once GEMMs run (many tokens per expert; dense only)."""
+        return spec.total_weight_bytes if not spec.fmt.quantized and uses_gemms(tokens, spec) else 0
 
     def prepare(self, weights: MoEWeights, spec: MoESpec, tokens: int) -> None:
         """Packs the experts before timing when GEMMs will run (forward would, on first use)."""
+        if spec.fmt.quantized:
+            return
         if uses_gemms(tokens, spec) or not _contiguous(weights):
             packed_experts(weights)
 
@@ -228,6 +311,8 @@ class CpuFusedBackend(Backend):
         topk_ids: torch.Tensor,
         topk_weights: torch.Tensor,
     ) -> torch.Tensor:
+        if spec.fmt.quantized:
+            return self._forward_quantized(x, weights, spec, topk_ids, topk_weights)
         tokens = x.shape[0]
         contiguous = _contiguous(weights)
         if not (use_fused(tokens, spec) and contiguous):
@@ -242,4 +327,25 @@ class CpuFusedBackend(Backend):
             return add_shared_experts(y, x, weights, spec, mlp=gemm_mlps(weights, spec)[1])
         ids, gates = shared_as_routing(x, weights, spec)
         y += fused_experts(x, weights.shared_w_in, weights.shared_w_out, ids, gates, spec)
+        return y
+
+    def _forward_quantized(
+        self,
+        x: torch.Tensor,
+        weights: MoEWeights,
+        spec: MoESpec,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """Routed and shared experts through the quantized op, at any token count."""
+        q = weights.quantized
+        if q is None:
+            raise ValueError(f"{spec.weight_format} experts need weights.quantized (quant.layer.in_format)")
+        biases = (weights.w_in_bias, weights.w_out_bias)
+        y = quantized_experts(
+            x, q.w_in, q.w_out, topk_ids, topk_weights, spec, biases, spec.weights_on_input, self.max_isa
+        )
+        if spec.num_shared_experts:
+            ids, gates = shared_as_routing(x, weights, spec)
+            y += quantized_experts(x, q.shared_w_in, q.shared_w_out, ids, gates, spec, max_isa=self.max_isa)
         return y
