@@ -311,4 +311,3 @@ def test_written_json_is_strict(tmp_path: Path) -> None:
 
     doc = json.loads(out_json.read_text(), parse_constant=refuse)
     assert "nulls" not in doc and doc["results"][0]["peak"]["caveat"] is None
-
