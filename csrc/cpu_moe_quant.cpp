@@ -344,14 +344,13 @@ MOECAP_TARGET_AVX512 __attribute__((always_inline)) inline void bytes_f32_body(c
     for (int n = 0; n < N; ++n) out[i * N + n] = _mm512_reduce_add_ps(total[i][n]);
 }
 
-// One routed row: the rows in kStreams interleaved parts (r, r + part, ...), read side by side;
-// two routed rows: two parts. Several concurrent streams per thread keep more cache-line misses in
-// flight while the core decodes (measured: 0.6 → 0.7+ of a streaming read at T = 1).
-template <class D, int N>
-MOECAP_TARGET_AVX512 __attribute__((noinline)) void rows_bytes_f32(const QMatrix& m, int64_t e, int64_t r0,
-                                                                   int64_t n_rows, const float* const* x, float* out,
-                                                                   const char* end) {
-  constexpr int R = N == 1 ? kStreams : (N == 2 ? 2 : 1);
+// Rows r0 .. r0 + n_rows in R interleaved parts (r, r + part, ...), read side by side, then the
+// rows left over one at a time. body(std::integral_constant<int, S>, rows, res) computes S rows
+// (rows[i] of the matrix) into res[i * N + n]. Several concurrent streams per thread keep more
+// cache-line misses in flight while the core decodes (measured: 0.6 → 0.7+ of a streaming read
+// at T = 1).
+template <int N, int R, class Body>
+__attribute__((always_inline)) inline void interleaved_rows(int64_t r0, int64_t n_rows, float* out, Body&& body) {
   int64_t r = 0;
   if constexpr (R > 1) {
     const int64_t part = n_rows / R;
@@ -359,7 +358,7 @@ MOECAP_TARGET_AVX512 __attribute__((noinline)) void rows_bytes_f32(const QMatrix
       int64_t rows[R];
       for (int i = 0; i < R; ++i) rows[i] = r0 + r + i * part;
       float res[R * N];
-      bytes_f32_body<D, N, R>(m, e, rows, x, res, end);
+      body(std::integral_constant<int, R>{}, rows, res);
       for (int i = 0; i < R; ++i)
         for (int n = 0; n < N; ++n) out[(r + i * part) * N + n] = res[i * N + n];
     }
@@ -367,8 +366,19 @@ MOECAP_TARGET_AVX512 __attribute__((noinline)) void rows_bytes_f32(const QMatrix
   }
   for (; r < n_rows; ++r) {
     const int64_t row = r0 + r;
-    bytes_f32_body<D, N, 1>(m, e, &row, x, out + r * N, end);
+    body(std::integral_constant<int, 1>{}, &row, out + r * N);
   }
+}
+
+// One routed row: kStreams interleaved parts; two routed rows: two parts.
+template <class D, int N>
+MOECAP_TARGET_AVX512 __attribute__((noinline)) void rows_bytes_f32(const QMatrix& m, int64_t e, int64_t r0,
+                                                                   int64_t n_rows, const float* const* x, float* out,
+                                                                   const char* end) {
+  constexpr int R = N == 1 ? kStreams : (N == 2 ? 2 : 1);
+  interleaved_rows<N, R>(r0, n_rows, out, [&](auto streams, const int64_t* rows, float* res) MOECAP_TARGET_AVX512 {
+    bytes_f32_body<D, N, decltype(streams)::value>(m, e, rows, x, res, end);
+  });
 }
 
 template <class TT, class D>
@@ -627,23 +637,9 @@ MOECAP_TARGET_BF16 __attribute__((noinline)) void rows_int4_bf16(const QMatrix& 
     }
   }
   constexpr int R = N == 1 ? kInt4Streams : (N == 2 ? 2 : 1);
-  int64_t r = 0;
-  if constexpr (R > 1) {
-    const int64_t part = n_rows / R;
-    for (; r < part; ++r) {
-      int64_t rows[R];
-      for (int i = 0; i < R; ++i) rows[i] = r0 + r + i * part;
-      float res[R * N];
-      int4_bf16_body<N, R>(m, e, rows, x, sums, res, end);
-      for (int i = 0; i < R; ++i)
-        for (int n = 0; n < N; ++n) out[(r + i * part) * N + n] = res[i * N + n];
-    }
-    r = R * part;
-  }
-  for (; r < n_rows; ++r) {
-    const int64_t row = r0 + r;
-    int4_bf16_body<N, 1>(m, e, &row, x, sums, out + r * N, end);
-  }
+  interleaved_rows<N, R>(r0, n_rows, out, [&](auto streams, const int64_t* rows, float* res) MOECAP_TARGET_BF16 {
+    int4_bf16_body<N, decltype(streams)::value>(m, e, rows, x, sums, res, end);
+  });
 }
 
 struct Int4Bf16Kernel : QFamily<bf16, bf16> {
@@ -726,23 +722,9 @@ MOECAP_TARGET_BF16 __attribute__((noinline)) void rows_e2m1_bf16(const QMatrix& 
   }
   const __m512i lut = _mm512_load_si512(table);
   constexpr int R = N == 1 ? kInt4Streams : 1;
-  int64_t r = 0;
-  if constexpr (R > 1) {
-    const int64_t part = n_rows / R;
-    for (; r < part; ++r) {
-      int64_t rows[R];
-      for (int i = 0; i < R; ++i) rows[i] = r0 + r + i * part;
-      float res[R * N];
-      e2m1_bf16_body<N, R>(m, e, rows, x, lut, res, end);
-      for (int i = 0; i < R; ++i)
-        for (int n = 0; n < N; ++n) out[(r + i * part) * N + n] = res[i * N + n];
-    }
-    r = R * part;
-  }
-  for (; r < n_rows; ++r) {
-    const int64_t row = r0 + r;
-    e2m1_bf16_body<N, 1>(m, e, &row, x, lut, out + r * N, end);
-  }
+  interleaved_rows<N, R>(r0, n_rows, out, [&](auto streams, const int64_t* rows, float* res) MOECAP_TARGET_BF16 {
+    e2m1_bf16_body<N, decltype(streams)::value>(m, e, rows, x, lut, res, end);
+  });
 }
 
 struct E2m1Bf16Kernel : QFamily<bf16, bf16> {
