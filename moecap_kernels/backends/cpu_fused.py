@@ -31,6 +31,7 @@ import torch
 from moecap_kernels.backends import register
 from moecap_kernels.backends.base import Backend, ExpertMLP, activate, add_shared_experts, shared_as_routing
 from moecap_kernels.backends.grouped import grouped_experts
+from moecap_kernels.quant.formats import int8_max_reduction
 from moecap_kernels.quant.quantize import QuantizedMatrix
 from moecap_kernels.spec import MoESpec
 from moecap_kernels.weights import MoEWeights
@@ -47,7 +48,7 @@ QUANT_FORMAT_CODES = {
     ("e2m1", False, False): 5,
 }
 # w8a8 sums int8 products in int32 (x biased to uint8 for vpdpbusd): exact while K · 255 · 127 < 2^31
-W8A8_MAX_REDUCTION = 66311
+W8A8_MAX_REDUCTION = int8_max_reduction(255)
 # the op's codes; "gelu" is the erf form, as F.gelu; swiglu_oai is gpt-oss' clamped SwiGLU
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "swiglu_oai": 3}
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)

@@ -30,12 +30,12 @@ import torch
 from moecap_kernels.backends import register
 from moecap_kernels.backends.base import Backend, shared_as_routing
 from moecap_kernels.nvtx import nvtx_range
-from moecap_kernels.quant.formats import FORMAT_NAMES
+from moecap_kernels.quant.formats import FORMAT_NAMES, int8_max_reduction
 from moecap_kernels.spec import MoESpec
 from moecap_kernels.weights import MoEWeights
 
 COUNTER_FIELDS = ("padded_rows", "executed_flops", "issued_weight_bytes")
-INT8_MAX_REDUCTION = (2**31 - 1) // (127 * 127)  # w8a8: K · 127² must fit the int32 sums
+INT8_MAX_REDUCTION = int8_max_reduction()  # w8a8: K · 127² must fit the int32 sums
 
 
 def _operands(x: torch.Tensor, weights: MoEWeights, spec: MoESpec) -> tuple[torch.Tensor, tuple, tuple]:

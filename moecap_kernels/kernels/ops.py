@@ -51,7 +51,7 @@ from moecap_kernels.kernels.grouped_gemm import (
     down_kernel,
     gate_up_kernel,
 )
-from moecap_kernels.quant.formats import NONE, WeightFormat, weight_format
+from moecap_kernels.quant.formats import NONE, WeightFormat, int8_max_reduction, weight_format
 from moecap_kernels.quant.quantize import QuantizedMatrix
 
 ACTIVATION_CODES = {"silu": SILU, "gelu": GELU, "gelu_tanh": GELU_TANH, "swiglu_oai": SWIGLU_OAI}
@@ -59,7 +59,7 @@ COMBINE_BLOCK_H = 256
 QUANT_ROWS_BLOCK = 1024
 SCALE_TORCH = {"float32": torch.float32, "float16": torch.float16, "e8m0": torch.uint8}
 # w8a8 accumulates int8 × int8 products in int32: exact while K · 127² < 2^31.
-INT8_MAX_REDUCTION = (2**31 - 1) // (127 * 127)
+INT8_MAX_REDUCTION = int8_max_reduction()
 
 
 def _input_precision(dtype: torch.dtype) -> str | None:

@@ -123,6 +123,13 @@ class WeightFormat:
         return text
 
 
+def int8_max_reduction(activation_max: int = 127) -> int:
+    """The longest K whose w8a8 dot product, int8 weights (|w| ≤ 127) times activation codes of
+    magnitude ≤ ``activation_max``, sums exactly in int32 (127: signed int8 activations; 255: the
+    uint8 ones of a biased VNNI dot product)."""
+    return (2**31 - 1) // (127 * activation_max)
+
+
 NONE = WeightFormat("none", "dense", 0)
 _FIXED = {
     "none": NONE,
