@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from moecap_kernels import limits
 from moecap_kernels.errors import UserError
 from moecap_kernels.exits import Interrupt, run_cli
-from moecap_kernels.files import check_cache_root, check_writable, write_all_atomic
+from moecap_kernels.files import check_cache_root, check_writable
 from moecap_kernels.quant.formats import ALL_FORMATS
 
 if TYPE_CHECKING:  # imported at run time only once the arguments are known to be good
@@ -182,6 +182,43 @@ def build_parser() -> argparse.ArgumentParser:
         type=rate(limits.PLAUSIBLE_FLOPS, "FLOP/s"),
         help="FLOP/s of the compute dtype, e.g. 989T",
     )
+    ep = p.add_argument_group("expert parallelism")
+    ep.add_argument(
+        "--ep",
+        type=integer(1, limits.MAX_EXPERTS),
+        help="N ranks on torch.distributed (gloo on CPU, NCCL on CUDA), each owning its T tokens; "
+        "started here unless torchrun started this process",
+    )
+    ep.add_argument(
+        "--placement",
+        type=text_arg,
+        help='a JSON {"expert_ranks": [[rank, ...], ...]} (default: E/N contiguous experts per rank)',
+    )
+    ep.add_argument(
+        "--ep-timeout",
+        type=integer(1, 86400),
+        default=300,
+        help="seconds a rank waits in a collective before it gives up (default 300)",
+    )
+    ep.add_argument(
+        "--project-ep",
+        type=integer_list(1, limits.MAX_EXPERTS),
+        help="PROJECTED: comma list of rank counts N; counts the exact traffic of N ranks on the routing "
+        "and projects dispatch/combine time on --link, beside the busiest rank's expert time measured here",
+    )
+    ep.add_argument(
+        "--link", type=text_arg, help="with --project-ep: comma list of links (nvlink4, ib-ndr, …)"
+    )
+    ep.add_argument(
+        "--link-bandwidth",
+        type=rate(limits.PLAUSIBLE_BANDWIDTH, "B/s"),
+        help="with --project-ep: one-way bytes/s replacing each link's (or a link of its own)",
+    )
+    ep.add_argument(
+        "--link-latency",
+        type=float,
+        help="with --project-ep: seconds per message replacing each link's assumed latency",
+    )
     out = p.add_argument_group("output")
     out.add_argument("--json", help="write results as JSON (atomically)")
     out.add_argument("--csv", help="write results as CSV (atomically)")
@@ -212,6 +249,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             )
     if args.quant is not None:
         args.quant = format_names(args.quant)
+    if args.placement is not None and args.ep is None and args.project_ep is None:
+        raise UserError("--placement places experts on ranks; give --ep or --project-ep too")
+    if args.project_ep is not None and args.ep is not None:
+        raise UserError("give --ep (a real run) or --project-ep (a projection), not both")
+    link_flags = (args.link, args.link_bandwidth, args.link_latency)
+    if args.project_ep is None and any(v is not None for v in link_flags):
+        raise UserError("--link, --link-bandwidth and --link-latency apply to --project-ep only")
+    if args.link_latency is not None and not 0 <= args.link_latency <= 1:
+        raise UserError(f"--link-latency {args.link_latency:g}: expected seconds from 0 to 1")
     given = {"--json": args.json, "--csv": args.csv}
     outputs = [check_writable(path, flag) for flag, path in given.items() if path is not None]
     if len({p.resolve() for p in outputs}) < len(outputs):
@@ -301,7 +347,10 @@ def resolve_scenarios(args: argparse.Namespace, spec: MoESpec) -> tuple[Scenario
     choice = parse_routing(args.routing)
     check_routing(choice, spec)
     if choice.kind == "trace":
-        return (trace_scenario(args, int(load_trace(choice.path, spec).shape[0])),)
+        rows, ranks = int(load_trace(choice.path, spec).shape[0]), args.ep or 1
+        if rows % ranks:
+            raise UserError(f"the trace's {rows} tokens do not split evenly over --ep {ranks} ranks")
+        return (trace_scenario(args, rows // ranks),)
     batches = args.batch or DEFAULT_BATCHES[args.phase]
     seq_len = args.seq_len or DEFAULT_SEQ_LEN
     return tuple(Scenario(args.phase, b, seq_len if args.phase == "prefill" else 1) for b in batches)
@@ -499,7 +548,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
 
     from moecap_kernels import hardware
     from moecap_kernels._ext import extension_status
-    from moecap_kernels.report import checkpoint_line, print_report, to_csv, to_json
+    from moecap_kernels.report import checkpoint_line, report_and_write
     from moecap_kernels.routing import parse_routing
     from moecap_kernels.runner import ProfileRequest, check_request_fits, run_profile
 
@@ -529,12 +578,35 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     )
     info = hardware.detect_device(device)
     dtypes = tuple(dict.fromkeys(spec.with_format(f).compute_dtype for f in formats))
+    command = "python -m moecap_kernels.profile " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    if args.project_ep is not None:
+        from moecap_kernels.ep.cli import run_projection
+
+        return run_projection(args, command, request, info, console)
+    placement = None
+    if args.ep is not None:
+        from moecap_kernels.ep.cli import check_ep_fits, resolve_placement, run_expert_parallel
+        from moecap_kernels.ep.launch import launched_rank, self_launch
+
+        placement = resolve_placement(args, spec, args.ep)
+        if not args.dry_run:
+            check_ep_fits(request, info, placement.ranks)
+            if not launched_rank():  # the peaks of the whole machine, measured before the ranks share it
+                peaks = resolve_peaks(args, device, info, dtypes, say=_dim_line(console))
+                argv_list = sys.argv[1:] if argv is None else list(argv)
+                return self_launch(placement.ranks, argv_list, info.cores, peaks)
+            peaks_of = lambda console: resolve_peaks(args, device, info, dtypes, say=_dim_line(console))  # noqa: E731
+            return run_expert_parallel(args, command, request, placement, peaks_of)
     if args.dry_run:
         from moecap_kernels.dry_run import print_plan
 
         peaks, pending = planned_peaks(args, info, dtypes)
         outputs = [path for path in (args.json, args.csv) if path]
         print_plan(console, request, origins, skipped, info, peaks, pending, outputs)
+        if placement is not None:
+            from moecap_kernels.ep.report import placement_line
+
+            console.print(placement_line(placement), markup=False, highlight=False)
         return 0
     check_request_fits(request, info)
     peaks = resolve_peaks(args, device, info, dtypes, say=_dim_line(console))
@@ -560,12 +632,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             progress.advance(task)
 
         rows = run_profile(request, info, peaks, on_row=advance)
-    print_report(rows, console)
-    command = "python -m moecap_kernels.profile " + shlex.join(sys.argv[1:] if argv is None else list(argv))
-    files = {args.json: to_json(rows, command)} if args.json else {}
-    if args.csv:
-        files[args.csv] = to_csv(rows)
-    write_all_atomic(files)
+    report_and_write(rows, console, command, args.json, args.csv)
     return 0
 
 

@@ -13,7 +13,10 @@ from rich.console import Console
 from rich.table import Table
 
 from moecap_kernels import __version__
-from moecap_kernels.files import write_atomic  # noqa: F401  (re-exported: report.write_atomic)
+from moecap_kernels.files import (
+    write_all_atomic,
+    write_atomic,  # noqa: F401  (re-exported: report.write_atomic)
+)
 from moecap_kernels.runner import RowResult
 from moecap_kernels.spec import MoESpec
 
@@ -111,14 +114,16 @@ def quant_block(spec: MoESpec) -> dict[str, Any]:
     }
 
 
-def document(rows: Sequence[RowResult], command: str) -> dict[str, Any]:
-    """The JSON document; strict JSON: a non-finite number becomes null, named under ``nulls``."""
+def document(rows: Sequence[RowResult], command: str, **sections: Any) -> dict[str, Any]:
+    """The JSON document (``sections``: further top-level entries, as ``ep_projection``); strict JSON:
+    a non-finite number becomes null, named under ``nulls``."""
     doc, nulls = _finite(
         {
             "schema_version": SCHEMA_VERSION,
             "tool": f"moecap_kernels {__version__}",
             "command": command,
             "results": [record(r) for r in rows],
+            **sections,
         },
         "",
     )
@@ -149,8 +154,8 @@ def _finite(value: Any, path: str) -> tuple[Any, dict[str, str]]:
 # --- files ---------------------------------------------------------------------------------
 
 
-def to_json(rows: Sequence[RowResult], command: str) -> str:
-    return json.dumps(document(rows, command), indent=2, allow_nan=False) + "\n"
+def to_json(rows: Sequence[RowResult], command: str, **sections: Any) -> str:
+    return json.dumps(document(rows, command, **sections), indent=2, allow_nan=False) + "\n"
 
 
 CSV_COLUMNS = (
@@ -371,3 +376,28 @@ def print_report(rows: Sequence[RowResult], console: Console) -> None:
     if rows[0].peaks.caveat:
         caveat = f"{rows[0].peaks.caveat}: S-MBU and S-MFU are against these figures"
         console.print(caveat, style="bold yellow", markup=False)
+    for row in rows:
+        if "ep" in row.extras:
+            print_ep(row, console)
+
+
+def report_and_write(
+    rows: Sequence[RowResult], console: Console, command: str, json_path: str | None, csv_path: str | None
+) -> None:
+    """Print the report, then write the JSON and CSV files asked for, together (atomically)."""
+    print_report(rows, console)
+    files = {json_path: to_json(rows, command)} if json_path else {}
+    if csv_path:
+        files[csv_path] = to_csv(rows)
+    write_all_atomic(files)
+
+
+def print_ep(row: RowResult, console: Console) -> None:
+    """The ranks of an expert-parallel row: per-rank table, traffic matrix (N ≤ 16), summary."""
+    from moecap_kernels.ep.report import matrix_table, ranks_table, summary_line
+
+    ep = row.extras["ep"]
+    console.print(ranks_table(f"{row.spec.name} {row.backend}, T = {ep['tokens_per_rank']} per rank", ep))
+    if ep["ranks"] <= 16:
+        console.print(matrix_table(ep["traffic_pairs"]))
+    console.print(summary_line(ep), style="dim", markup=False)
