@@ -177,6 +177,13 @@ def test_two_ranks_on_a_trace_count_route_and_compute_as_one_process(tmp_path):
         assert r["accuracy"]["rel_error"] < 1e-5
         assert ep["rel_error_vs_single_process"] < 1e-5
         assert set(ep["time_s"]) == {"router", "dispatch", "experts", "combine"}
+        ranks = ep["per_rank"]  # two ranks on one CPU: the machine's peak, their mean experts time
+        mean_experts = sum(r["time_s"]["experts"] for r in ranks) / 2
+        assert ep["devices_shared"] and r["peak"]["bandwidth_bytes_per_s"] == 50e9
+        assert ep["s_mbu_experts"] == pytest.approx(
+            sum(r["expert_bytes"] for r in ranks) / mean_experts / 50e9
+        )
+        assert ranks[0]["expert_bytes"] == hit[0] * 3 * 64 * 48 * 4
         assert 0 < ep["comm_share"] < 1
 
 

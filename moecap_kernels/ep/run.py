@@ -261,7 +261,10 @@ def ep_block(
         },
         "step_time_s": float(np.median(step)),
         "comm_share": comm / float(np.median(phases.sum(axis=2), axis=1).sum()),
-        "s_mbu_experts": expert_bytes_all / float(per_rank_medians[:, 2].sum()) / peaks.bandwidth_bytes_per_s,
+        # the ranks' experts together: Σ bytes / their mean time / the peak of the devices they run on
+        "s_mbu_experts": expert_bytes_all
+        / float(per_rank_medians[:, 2].mean())
+        / (peaks.bandwidth_bytes_per_s * (1 if ranks.devices_shared else n)),
         "dispatch_vs_alltoall_ceiling": float(np.median(np.array(ceiling) / dispatch)),
         "per_rank": rows,
     }
