@@ -70,14 +70,15 @@ def _naming(exc: OSError, path: Path) -> OSError:
     return OSError(exc.errno, exc.strerror or str(exc), str(path))
 
 
-def _write_temp(path: Path, text: str) -> Path:
-    """``text`` in a new temporary file beside ``path``, flushed to disk; OSError names ``path``."""
+def _write_temp(path: Path, text: str | bytes) -> Path:
+    """``text`` (or bytes) in a new temporary file beside ``path``, flushed; OSError names ``path``."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=_folder(path))
     except OSError as exc:
         raise _naming(exc, path) from None
     try:
-        with os.fdopen(fd, "w", newline="") as handle:
+        binary = isinstance(text, bytes)
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": ""})) as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
@@ -89,7 +90,7 @@ def _write_temp(path: Path, text: str) -> Path:
     return Path(tmp)
 
 
-def write_all_atomic(files: Mapping[str | Path, str]) -> None:
+def write_all_atomic(files: Mapping[str | Path, str | bytes]) -> None:
     """Write every file so that readers see each old file or its whole new text, and either all new
     texts or none: every temporary file is written before the first one replaces its target."""
     temps: dict[Path, Path] = {}
@@ -107,6 +108,6 @@ def write_all_atomic(files: Mapping[str | Path, str]) -> None:
                 tmp.unlink(missing_ok=True)
 
 
-def write_atomic(path: str | Path, text: str) -> None:
+def write_atomic(path: str | Path, text: str | bytes) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never half."""
     write_all_atomic({path: text})

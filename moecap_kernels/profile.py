@@ -11,6 +11,7 @@ is allocated.
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import shlex
 import sys
@@ -219,6 +220,33 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="with --project-ep: seconds per message replacing each link's assumed latency",
     )
+    off = p.add_argument_group("routing over time, offloaded experts")
+    off.add_argument(
+        "--steps",
+        type=integer(1, 1 << 16),
+        help="decode steps of a synthetic routing sequence (default 64); with --offload or --trace-stats",
+    )
+    off.add_argument(
+        "--trace-stats", action="store_true", help="statistics of the routing sequence, per layer"
+    )
+    off.add_argument(
+        "--offload",
+        choices=("disk",),
+        help="experts in a file on disk, --cache-experts of them in memory; each step fetches its misses",
+    )
+    off.add_argument(
+        "--cache-experts", type=integer_list(0, limits.MAX_EXPERTS), help="C[,C…] (default E/8,E/4,E/2)"
+    )
+    off.add_argument("--policy", type=text_arg, help="lru, lfu, belady (comma list) or all (default)")
+    off.add_argument(
+        "--offload-dir", type=text_arg, help="folder of the experts file (default: the temp folder)"
+    )
+    off.add_argument(
+        "--keep-page-cache", action="store_true", help="read through the page cache without dropping it"
+    )
+    off.add_argument(
+        "--trace-layer", type=integer(0, 1 << 20), help="the layer of a .npz sequence to offload"
+    )
     out = p.add_argument_group("output")
     out.add_argument("--json", help="write results as JSON (atomically)")
     out.add_argument("--csv", help="write results as CSV (atomically)")
@@ -249,6 +277,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             )
     if args.quant is not None:
         args.quant = format_names(args.quant)
+    sequence_mode = args.offload is not None or args.trace_stats
+    offload_flags = (args.steps, args.cache_experts, args.policy, args.offload_dir, args.trace_layer)
+    if not sequence_mode and (any(v is not None for v in offload_flags) or args.keep_page_cache):
+        raise UserError(
+            "--steps, --cache-experts, --policy, --offload-dir, --keep-page-cache and "
+            "--trace-layer apply to --offload or --trace-stats only"
+        )
+    if sequence_mode and (args.ep is not None or args.project_ep is not None):
+        raise UserError("--offload/--trace-stats and expert parallelism do not combine yet")
+    if sequence_mode and args.batch is not None and len(args.batch) > 1:
+        raise UserError("a routing sequence has one T: give one --batch")
     if args.placement is not None and args.ep is None and args.project_ep is None:
         raise UserError("--placement places experts on ranks; give --ep or --project-ep too")
     if args.project_ep is not None and args.ep is not None:
@@ -558,6 +597,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         return 0
     spec, origins = resolve_spec(args)
     checkpoint, layer = resolve_layer(args)
+    if args.offload is not None or args.trace_stats:
+        return run_sequences(args, argv, spec, device, checkpoint, layer, console)
     scenarios = resolve_scenarios(args, spec)
     formats = resolve_formats(args, spec)
     backends, skipped = resolve_backends(args.backend, device, spec, formats)
@@ -634,6 +675,44 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         rows = run_profile(request, info, peaks, on_row=advance)
     report_and_write(rows, console, command, args.json, args.csv)
     return 0
+
+
+def run_sequences(
+    args: argparse.Namespace,
+    argv: Sequence[str] | None,
+    spec: MoESpec,
+    device: torch.device,
+    checkpoint: Path | None,
+    layer: int,
+    console: Console,
+) -> int:
+    """``--trace-stats`` / ``--offload``: a routing sequence, its statistics, its offloaded run."""
+    from moecap_kernels import hardware
+    from moecap_kernels.backends import get_backend
+    from moecap_kernels.ep.cli import fastest_backend
+    from moecap_kernels.offload.cli import run_sequence_mode
+    from moecap_kernels.routing import RoutingChoice
+    from moecap_kernels.runner import ProfileRequest
+
+    formats = resolve_formats(args, spec)
+    if formats != ("none",):
+        raise UserError("--offload keeps dense experts on disk; quantized formats are not offloaded yet")
+    backends, _ = resolve_backends(args.backend, device, spec, formats)
+    request = ProfileRequest(
+        spec, (), backends, RoutingChoice("router"), device, args.seed, checkpoint=checkpoint, layer=layer
+    )
+    info = hardware.detect_device(device)
+
+    def bandwidth() -> float:
+        peaks = resolve_peaks(args, device, info, (spec.compute_dtype,), _dim_line(console))
+        return peaks[spec.compute_dtype].bandwidth_bytes_per_s
+
+    command = "python -m moecap_kernels.profile " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    weights = functools.cache(request.layer_weights)
+    if args.backend.strip() == "all":  # by default, a backend that reads the cache's slots in place
+        backends = tuple(b for b in backends if not get_backend(b).copies_weights) or backends
+    backend = fastest_backend(backends)
+    return run_sequence_mode(args, command, spec, device, backend, weights, bandwidth, console)
 
 
 def _dim_line(console: Console) -> Callable[[str], None]:

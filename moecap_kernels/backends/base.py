@@ -127,6 +127,9 @@ class Backend(ABC):
     name: str = ""
     description: str = ""
     weight_formats: tuple[str, ...] = ("none",)
+    # True when it may compute from a copy of the weights it made (a packed layout): weights that
+    # change in place (an expert cache's slots) then cost that copy again (``forget``)
+    copies_weights: bool = False
 
     def availability(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """None when this backend runs on ``device`` with ``dtype``, else one line saying why not."""
@@ -144,6 +147,9 @@ class Backend(ABC):
         if self.weight_formats == ("none",):
             return f"{self.name} computes unquantized experts only, not {spec.weight_format}"
         return f"{self.name} computes {', '.join(self.weight_formats)} experts, not {spec.weight_format}"
+
+    def forget(self, weights: MoEWeights) -> None:  # noqa: B027 (optional hook)
+        """Drop anything made from ``weights`` (a packed copy): their values were overwritten in place."""
 
     def prepare(self, weights: MoEWeights, spec: MoESpec, tokens: int) -> None:  # noqa: B027 (optional hook)
         """One-time work before timing forwards of ``tokens`` tokens (layout changes, autotuning).

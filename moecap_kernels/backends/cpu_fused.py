@@ -290,6 +290,11 @@ class CpuFusedBackend(Backend):
         """The packed copy of the experts, made once GEMMs run (many tokens per expert; dense only)."""
         return spec.total_weight_bytes if not spec.fmt.quantized and uses_gemms(tokens, spec) else 0
 
+    copies_weights = True  # GEMMs run on a packed copy of the experts
+
+    def forget(self, weights: MoEWeights) -> None:
+        _PACKED.pop(id(weights.w_in), None)
+
     def prepare(self, weights: MoEWeights, spec: MoESpec, tokens: int) -> None:
         """Packs the experts before timing when GEMMs will run (forward would, on first use)."""
         if spec.fmt.quantized:

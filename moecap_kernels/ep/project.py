@@ -29,7 +29,6 @@ import torch
 from moecap_kernels.backends import get_backend
 from moecap_kernels.backends.base import shared_routing
 from moecap_kernels.dtypes import torch_dtype
-from moecap_kernels.ep.layer import local_spec, shared_spec
 from moecap_kernels.ep.placement import Placement
 from moecap_kernels.ep.traffic import balancedness, dispatch_counts, off_rank, row_bytes, scaled
 from moecap_kernels.errors import UserError
@@ -37,6 +36,7 @@ from moecap_kernels.quant.layer import in_format
 from moecap_kernels.routing import route_tokens
 from moecap_kernels.runner import ProfileRequest, forced_ids
 from moecap_kernels.spec import MoESpec
+from moecap_kernels.sublayers import local_spec, shared_spec
 from moecap_kernels.timing import TimingStats, time_region
 from moecap_kernels.weights import MoEWeights, random_weights
 

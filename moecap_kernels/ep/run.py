@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from moecap_kernels.backends import get_backend
 from moecap_kernels.counters import CountAccumulator, Counts
-from moecap_kernels.ep.layer import RankLayer, local_weights, without_experts
+from moecap_kernels.ep.layer import RankLayer
 from moecap_kernels.ep.placement import Placement
 from moecap_kernels.ep.traffic import balancedness, off_rank, row_bytes, scaled
 from moecap_kernels.errors import UserError
@@ -36,6 +36,7 @@ from moecap_kernels.quant.layer import in_format
 from moecap_kernels.reference import relative_error
 from moecap_kernels.runner import INPUT_COPIES, ProfileRequest, Row, RowResult, Scenario, needs_flush
 from moecap_kernels.spec import MoESpec
+from moecap_kernels.sublayers import local_weights, without_experts
 from moecap_kernels.timing import CacheFlusher, TimingStats
 from moecap_kernels.weights import MoEWeights
 
