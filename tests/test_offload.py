@@ -223,3 +223,16 @@ def test_bad_offload_input_is_one_line(tmp_path, capsys):
         assert err.count("\n") == 1 and match in err, err
     assert record_main(["--weights", str(tmp_path / "none"), "--prompts", "x", "--out", "y"]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_dry_run_describes_the_offload_and_writes_nothing(tmp_path, capsys):
+    code = profile_main(
+        ["--config", str(tiny_config(tmp_path / "m")), "--routing", "zipf:1.1", "--steps", "9",
+         "--batch", "2", "--offload", "disk", "--offload-dir", str(tmp_path), "--cache-experts", "3",
+         "--dry-run", *PEAKS]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "zipf:1.1, 9 steps of T = 2; offload to disk: C = 3 of 8 experts" in out
+    assert f"{3 * 64 * 48 * 4:,} B per expert" in out
+    assert not list(tmp_path.glob("moecap-experts-*"))

@@ -16,7 +16,7 @@ from rich.table import Table
 from moecap_kernels.errors import UserError
 from moecap_kernels.files import write_all_atomic
 from moecap_kernels.offload.cache import POLICIES
-from moecap_kernels.offload.run import _step_inputs, run_offload
+from moecap_kernels.offload.run import run_offload, step_inputs
 from moecap_kernels.offload.sequence import load_layers, parse_sequence_kind, synthetic_sequence
 from moecap_kernels.offload.stats import sequence_stats
 from moecap_kernels.report import to_json
@@ -42,7 +42,7 @@ def sequence_layers(
         layer = weights()
         picks = [
             ids.cpu().numpy()
-            for _, ids, _ in _step_inputs(spec, layer, empty, args.seed, layer.device, forced=False)
+            for _, ids, _ in step_inputs(spec, layer, empty, args.seed, layer.device, forced=False)
         ]
         return {0: np.stack(picks)}
     kind = parse_sequence_kind(text)
@@ -144,6 +144,28 @@ def offload_table(records: list[dict[str, Any]], title: str) -> Table:
     return table
 
 
+def plan_line(args: argparse.Namespace, spec: MoESpec, backend: str) -> str:
+    """What ``--dry-run`` says of a sequence run, without making the layer or reading the sequence."""
+    text = args.routing.strip()
+    source = (
+        text
+        if text.lower().startswith("trace:")
+        else (f"{text}, {args.steps or DEFAULT_STEPS} steps of T = {(args.batch or [1])[0]}")
+    )
+    line = f"routing sequence: {source}"
+    if args.offload:
+        caps = ", ".join(map(str, capacities(args, spec)))
+        file_gb = spec.num_experts * spec.expert_weight_bytes / 1e9
+        cache = "kept" if args.keep_page_cache else "dropped per step"
+        line += (
+            f"; offload to disk: C = {caps} of {spec.num_experts} experts, "
+            f"policies {', '.join(policies(args))}, "
+            f"{spec.expert_weight_bytes:,} B per expert ({file_gb:.2f} GB file), computed with {backend}, "
+            f"page cache {cache}"
+        )
+    return line
+
+
 def run_sequence_mode(
     args: argparse.Namespace,
     command: str,
@@ -155,6 +177,9 @@ def run_sequence_mode(
     console: Console,
 ) -> int:
     """``--trace-stats`` and/or ``--offload disk`` on the run's routing sequence."""
+    if args.dry_run:
+        console.print(plan_line(args, spec, backend), markup=False, highlight=False)
+        return 0
     layers = sequence_layers(args, spec, weights)
     sections: dict[str, Any] = {}
     if args.trace_stats:

@@ -71,7 +71,7 @@ class FastTier:
         return slot
 
 
-def _step_inputs(
+def step_inputs(
     spec: MoESpec, weights: MoEWeights, ids: np.ndarray, seed: int, device: torch.device, forced: bool = True
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per step: x [T, H] (seeded per step) and its routing: the sequence's ids (or, not ``forced``,
@@ -161,12 +161,14 @@ def run_offload(
     """One record per (C, policy): counts, times, bandwidths (README: Offloaded experts)."""
     device = weights.device
     steps = step_experts(ids)
-    inputs = _step_inputs(spec, weights, ids, seed, device)
+    inputs = step_inputs(spec, weights, ids, seed, device)
     tier = DiskTier(folder / f"moecap-experts-{os.getpid()}.bin", weights, drop_cache)
     try:
         ceiling = tier.read_ceiling()
         resident = get_backend(backend)
         resident.prepare(weights, spec, ids.shape[1])
+        x0, ids0, w0 = inputs[0]
+        resident.forward(x0, weights, spec, ids0, w0)  # warm-up, untimed
         resident_out, resident_s = [], []
         for x, step_ids, w in inputs:
             start = time.perf_counter()
