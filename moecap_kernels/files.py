@@ -8,6 +8,7 @@ Errors name the user's path, never the temporary file behind it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Mapping
@@ -111,3 +112,16 @@ def write_all_atomic(files: Mapping[str | Path, str | bytes]) -> None:
 def write_atomic(path: str | Path, text: str | bytes) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never half."""
     write_all_atomic({path: text})
+
+
+def read_json(path: Path, what: str, max_bytes: int) -> object:
+    """The JSON document in ``path``; one ``UserError`` line, naming it as ``what``, when it is missing,
+    larger than ``max_bytes`` or not readable JSON."""
+    try:
+        if path.stat().st_size > max_bytes:
+            raise UserError(f"{what}: larger than {max_bytes} bytes")
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{what}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{what}: not a readable JSON file ({str(exc).splitlines()[0]})") from None

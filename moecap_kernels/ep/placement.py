@@ -10,12 +10,12 @@ copy number ``s mod len(copies)``: deterministic, and it spreads the sources ove
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 from moecap_kernels.errors import UserError
+from moecap_kernels.files import read_json
 from moecap_kernels.limits import MAX_SMALL_FILE_BYTES
 
 
@@ -95,14 +95,7 @@ def contiguous(num_experts: int, ranks: int) -> Placement:
 def load_placement(path: Path, num_experts: int, ranks: int) -> Placement:
     """A ``--placement`` file, checked against the layer (E experts) and the number of ranks."""
     where = str(path)
-    try:
-        if path.stat().st_size > MAX_SMALL_FILE_BYTES:
-            raise UserError(f"placement {where}: larger than {MAX_SMALL_FILE_BYTES} bytes")
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"placement {where}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"placement {where}: not a readable JSON file ({str(exc).splitlines()[0]})") from None
+    data = read_json(path, f"placement {where}", MAX_SMALL_FILE_BYTES)
     copies = data.get("expert_ranks") if isinstance(data, dict) else None
     if not isinstance(copies, list) or not all(isinstance(c, list) for c in copies):
         raise UserError(
