@@ -627,11 +627,12 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     placement = None
     if args.ep is not None:
         from moecap_kernels.ep.cli import check_ep_fits, resolve_placement, run_expert_parallel
-        from moecap_kernels.ep.launch import launched_rank, self_launch
+        from moecap_kernels.ep.launch import checks_memory, launched_rank, self_launch
 
         placement = resolve_placement(args, spec, args.ep)
         if not args.dry_run:
-            check_ep_fits(request, info, placement.ranks)
+            if checks_memory():  # once, before any rank makes its layer (the others would count it)
+                check_ep_fits(request, info, placement.ranks)
             if not launched_rank():  # the peaks of the whole machine, measured before the ranks share it
                 peaks = resolve_peaks(args, device, info, dtypes, say=_dim_line(console))
                 argv_list = sys.argv[1:] if argv is None else list(argv)

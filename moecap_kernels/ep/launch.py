@@ -33,6 +33,14 @@ def launched_rank() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
+def checks_memory() -> bool:
+    """Whether this process checks that the ranks fit: the self-launching one, or under torchrun
+    each node's local rank 0 (its other ranks wait for it in the rendezvous)."""
+    if not launched_rank():
+        return True
+    return not os.environ.get(CHILD_ENV) and os.environ.get("LOCAL_RANK") == "0"
+
+
 def self_launch(ranks: int, argv: Sequence[str], cores: int, peaks: Mapping[str, Peaks]) -> int:
     """Run ``python -m moecap_kernels.profile ARGV`` as ``ranks`` local ranks; their exit code.
 
