@@ -186,6 +186,11 @@ def rank_traffic(spec: MoESpec, tokens: int, received: Counts, local_experts: in
     return dataclasses.replace(t, dense=local_experts * spec.expert_weight_bytes + always)
 
 
+def slowest_steps(gathered: list[dict[str, Any]]) -> np.ndarray:
+    """Seconds of the step per repetition: the slowest rank's four phases together."""
+    return np.array([g["phases_s"] for g in gathered]).sum(axis=2).max(axis=0)
+
+
 def _medians(samples: np.ndarray) -> dict[str, float]:
     return {p: float(v) for p, v in zip(PHASES, np.median(samples, axis=0), strict=True)}
 
@@ -216,7 +221,6 @@ def ep_block(
     received = [sum(pairs[s][r] for s in range(n)) for r in range(n)]
     phases = np.array([g["phases_s"] for g in gathered])  # [N, reps, 4]
     per_rank_medians = np.median(phases, axis=1)  # [N, 4]
-    step = phases.sum(axis=2).max(axis=0)  # the slowest rank's step, per repetition
     comm = float(np.median(phases[:, :, 1] + phases[:, :, 3], axis=1).sum())  # Σ over ranks
     sent_off, recv_off = off_rank(scaled(pairs, b))
     ceiling = [float(np.median(g["alltoall_s"])) for g in gathered]
@@ -260,7 +264,7 @@ def ep_block(
         "time_s_slowest_rank": {
             p: float(v) for p, v in zip(PHASES, per_rank_medians.max(axis=0), strict=True)
         },
-        "step_time_s": float(np.median(step)),
+        "step_time_s": float(np.median(slowest_steps(gathered))),
         "comm_share": comm / float(np.median(phases.sum(axis=2), axis=1).sum()),
         # the ranks' experts together: Σ bytes / their mean time / the peak of the devices they run on
         "s_mbu_experts": expert_bytes_all
@@ -290,10 +294,9 @@ def build_row(
         raise UserError(f"routing produced {counts.invalid_ids} expert ids outside [0, {spec.num_experts})")
     bytes_ = _sum([rank_traffic(spec, per_rank, g["received"], len(g["experts"])) for g in gathered])
     flops = _sum([work(spec, per_rank, g["received"].expert_flops) for g in gathered])
-    phases = np.array([g["phases_s"] for g in gathered])
-    step = phases.sum(axis=2).max(axis=0)
     timing = TimingStats(
-        tuple(float(s) for s in step), "perf_counter by phase, device synchronised; slowest rank"
+        tuple(float(s) for s in slowest_steps(gathered)),
+        "perf_counter by phase, device synchronised; slowest rank",
     )
     total = aggregate_peaks(peaks, ranks)
     ep = ep_block(spec, ranks, backend, gathered, peaks, per_rank)

@@ -69,12 +69,6 @@ def load_layers(path: Path, spec: MoESpec) -> dict[int, np.ndarray]:
         return {i: check_sequence(data[f"layer_{i}"], spec, f"sequence {path} layer {i}") for i in layers}
 
 
-def recorded_counts(path: Path) -> dict[int, np.ndarray]:
-    """The per-expert pair counts a recorder saved beside its sequence ({layer: [E]}), if any."""
-    with np.load(path, allow_pickle=False) as data:
-        return {int(k[13:]): data[k] for k in data.files if k.startswith("counts_layer_")}
-
-
 def _popularity(kind: str, param: float | None, experts: int, rng: np.random.Generator) -> np.ndarray:
     if kind == "uniform":
         return np.full(experts, 1.0 / experts)
