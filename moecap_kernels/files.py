@@ -66,6 +66,12 @@ def check_writable(text: str, flag: str) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _naming(exc: OSError, path: Path) -> OSError:
     """``exc`` re-told about ``path`` (the user's), not about the temporary file it happened to."""
     return OSError(exc.errno, exc.strerror or str(exc), str(path))
@@ -78,6 +84,7 @@ def _write_temp(path: Path, text: str | bytes) -> Path:
     except OSError as exc:
         raise _naming(exc, path) from None
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # as open() would make it: mkstemp's files are private (0600)
         binary = isinstance(text, bytes)
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": ""})) as handle:
             handle.write(text)

@@ -30,7 +30,8 @@ if TYPE_CHECKING:  # imported at run time only once the arguments are known to b
     from rich.console import Console
 
     from moecap_kernels import hardware
-    from moecap_kernels.runner import Scenario
+    from moecap_kernels.cost import Prices
+    from moecap_kernels.runner import RowResult, Scenario
     from moecap_kernels.spec import MoESpec
 
 DEFAULT_MODEL = "qwen3-30b-a3b"
@@ -59,19 +60,29 @@ def text_arg(text: str) -> str:
     return text
 
 
-def integer(low: int, high: int) -> Callable[[str], int]:
-    """An argparse type: an integer from ``low`` to ``high``."""
+def bounded(convert: Callable[[str], float], low: float, high: float, what: str) -> Callable[[str], float]:
+    """An argparse type: ``convert(text)`` from ``low`` to ``high``; ``what`` names it in the message."""
 
-    def parse(text: str) -> int:
+    def parse(text: str) -> float:
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {_shown(text)}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {high}, got {_shown(text)}")
+            raise argparse.ArgumentTypeError(f"expected {what}, got {_shown(text)}") from None
+        if not low <= value <= high:  # NaN fails too
+            span = f"{_number(low)} to {_number(high)}"
+            raise argparse.ArgumentTypeError(f"expected {what} from {span}, got {_shown(text)}")
         return value
 
     return parse
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def integer(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from ``low`` to ``high``."""
+    return bounded(int, low, high, "an integer")
 
 
 def integer_list(low: int, high: int) -> Callable[[str], list[int]]:
@@ -101,6 +112,11 @@ def rate(bounds: tuple[float, float], unit: str) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+def amount(low: float, high: float, what: str) -> Callable[[str], float]:
+    """An argparse type: a number (a leading ``$`` allowed) from ``low`` to ``high``, ``what`` its unit."""
+    return bounded(lambda text: float(text.strip().lstrip("$")), low, high, what)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--reps", type=integer(1, limits.MAX_REPS), help="timed repetitions (default cpu 15, cuda 100)"
     )
     how.add_argument("--no-accuracy", action="store_true", help="skip the float64 reference check")
+    how.add_argument(
+        "--no-energy",
+        action="store_true",
+        help="skip the energy counters (NVML on CUDA, RAPL on CPU) and their ≥ 1 s loop per row",
+    )
     how.add_argument(
         "--dry-run",
         action="store_true",
@@ -247,9 +268,35 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument(
         "--trace-layer", type=integer(0, 1 << 20), help="the layer of a .npz sequence to offload"
     )
+    cost = p.add_argument_group("cost ($ per million tokens)")
+    cost.add_argument(
+        "--price-per-hour", type=amount(0, 1e4, "USD per device-hour"), help="USD per device-hour (rental)"
+    )
+    cost.add_argument("--instance", type=text_arg, help="price the device as this instance of --list-prices")
+    cost.add_argument(
+        "--purchase-price", type=amount(0, 1e7, "USD per device"), help="USD per device (ownership)"
+    )
+    cost.add_argument(
+        "--years", type=amount(0.1, 20, "years"), default=4.0, help="ownership: amortised over (default 4)"
+    )
+    cost.add_argument(
+        "--utilization",
+        type=amount(0.01, 1, "a fraction"),
+        default=0.5,
+        help="ownership: busy fraction of those years (default 0.5)",
+    )
+    cost.add_argument(
+        "--kwh-price", type=amount(0, 10, "USD per kWh"), help="USD per kWh of measured energy (default 0.10)"
+    )
+    cost.add_argument("--list-prices", action="store_true", help="print the shipped prices table and exit")
     out = p.add_argument_group("output")
     out.add_argument("--json", help="write results as JSON (atomically)")
     out.add_argument("--csv", help="write results as CSV (atomically)")
+    out.add_argument("--radar", help="draw the CAP radar of the rows: out.png or out.svg (needs matplotlib)")
+    out.add_argument(
+        "--roofline",
+        help="draw the rows on the roofline of their peaks: out.png or out.svg (needs matplotlib)",
+    )
     return p
 
 
@@ -297,10 +344,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         raise UserError("--link, --link-bandwidth and --link-latency apply to --project-ep only")
     if args.link_latency is not None and not 0 <= args.link_latency <= 1:
         raise UserError(f"--link-latency {args.link_latency:g}: expected seconds from 0 to 1")
-    given = {"--json": args.json, "--csv": args.csv}
+    pictures = {"--radar": args.radar, "--roofline": args.roofline}
+    profile_only = {**pictures, "--price-per-hour": args.price_per_hour, "--instance": args.instance,
+                    "--purchase-price": args.purchase_price, "--kwh-price": args.kwh_price}  # fmt: skip
+    given_flags = [flag for flag, value in profile_only.items() if value is not None]
+    if given_flags and (sequence_mode or args.ep is not None or args.project_ep is not None):
+        raise UserError(
+            f"{given_flags[0]} applies to a profile's rows, not to --ep, --project-ep or --offload"
+        )
+    if args.price_per_hour is not None and args.instance is not None:
+        raise UserError("give --price-per-hour or --instance, not both")
+    for flag, path in pictures.items():
+        if path is not None:
+            from moecap_kernels.plots import check_plot_path
+
+            check_plot_path(path, flag)
+    given = {"--json": args.json, "--csv": args.csv, **pictures}
     outputs = [check_writable(path, flag) for flag, path in given.items() if path is not None]
     if len({p.resolve() for p in outputs}) < len(outputs):
-        raise UserError("--json and --csv name the same file")
+        raise UserError("two of --json, --csv, --radar and --roofline name the same file")
     check_cache_root()
     return args
 
@@ -583,6 +645,11 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
 
         console.print(format_datasheet(), markup=False, highlight=False)
         return 0
+    if args.list_prices:
+        from moecap_kernels.cost import prices_table
+
+        console.print(prices_table())
+        return 0
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from moecap_kernels import hardware
@@ -616,8 +683,10 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         checkpoint=checkpoint,
         layer=layer,
         formats=formats,
+        measure_energy=not args.no_energy,
     )
     info = hardware.detect_device(device)
+    prices = resolve_prices(args, info)
     dtypes = tuple(dict.fromkeys(spec.with_format(f).compute_dtype for f in formats))
     command = "python -m moecap_kernels.profile " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     if args.project_ep is not None:
@@ -674,8 +743,49 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             progress.advance(task)
 
         rows = run_profile(request, info, peaks, on_row=advance)
-    report_and_write(rows, console, command, args.json, args.csv)
+    rows = [with_cost(row, prices) for row in rows]
+    report_and_write(rows, console, command, args.json, args.csv, pictures(args, rows))
     return 0
+
+
+def resolve_prices(args: argparse.Namespace, info: hardware.DeviceInfo) -> Prices:
+    """The prices of the device the rows run on: given, an --instance, or the table's for a GPU."""
+    from moecap_kernels import cost, hardware
+
+    entry = hardware.datasheet_entry(info.name) if info.kind == "cuda" else None
+    return cost.resolve_prices(
+        entry.key if entry is not None else None,
+        price_per_hour=args.price_per_hour,
+        instance=args.instance,
+        purchase_price=args.purchase_price,
+        years=args.years,
+        utilization=args.utilization,
+        kwh_price=args.kwh_price,
+    )
+
+
+def with_cost(row: RowResult, prices: Prices) -> RowResult:
+    """``row`` with its $/Mtok from its tokens/s, its measured energy and ``prices``."""
+    import dataclasses
+
+    from moecap_kernels.cost import cost_of
+
+    joules = None if row.energy is None else row.energy.joules_per_token
+    per = f"tokens through this one MoE layer ({row.spec.name}), at the row's T"
+    return dataclasses.replace(row, cost=cost_of(row.tokens / row.time.median, joules, prices, per))
+
+
+def pictures(args: argparse.Namespace, rows: Sequence[RowResult]) -> dict[str, bytes]:
+    """{path: PNG or SVG bytes} of the --radar and --roofline asked for."""
+    if not rows or (args.radar is None and args.roofline is None):
+        return {}
+    from moecap_kernels import plots
+
+    drawn = {}
+    for path, draw in ((args.radar, plots.radar), (args.roofline, plots.roofline)):
+        if path is not None:
+            drawn[path] = plots.render(draw(rows), path)
+    return drawn
 
 
 def run_sequences(

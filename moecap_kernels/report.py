@@ -6,7 +6,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -72,7 +72,11 @@ def record(row: RowResult) -> dict[str, Any]:
         "load_imbalance": row.imbalance,
         "accuracy": accuracy(row),
         "quant": quant_block(row.spec),
+        "energy": None if row.energy is None else row.energy.to_dict(),
+        "cost": None if row.cost is None else row.cost.to_dict(),
     }
+    if row.energy is None:
+        entry["energy_unavailable"] = row.energy_unavailable or "not measured"
     entry.update(row.extras)
     return entry
 
@@ -117,17 +121,26 @@ def quant_block(spec: MoESpec) -> dict[str, Any]:
 def document(rows: Sequence[RowResult], command: str, **sections: Any) -> dict[str, Any]:
     """The JSON document (``sections``: further top-level entries, as ``ep_projection``); strict JSON:
     a non-finite number becomes null, named under ``nulls``."""
-    doc, nulls = _finite(
+    return strict(
         {
             "schema_version": SCHEMA_VERSION,
             "tool": f"moecap_kernels {__version__}",
             "command": command,
             "results": [record(r) for r in rows],
             **sections,
-        },
-        "",
+        }
     )
-    return {**doc, "nulls": nulls} if nulls else doc
+
+
+def strict(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` with every NaN or infinity replaced by null, each named under ``nulls``."""
+    clean, nulls = _finite(doc, "")
+    return {**clean, "nulls": nulls} if nulls else clean
+
+
+def strict_json(doc: dict[str, Any]) -> str:
+    """``doc`` as strict JSON text (``strict``), indented, with a final newline."""
+    return json.dumps(strict(doc), indent=2, allow_nan=False) + "\n"
 
 
 def _finite(value: Any, path: str) -> tuple[Any, dict[str, str]]:
@@ -155,7 +168,7 @@ def _finite(value: Any, path: str) -> tuple[Any, dict[str, str]]:
 
 
 def to_json(rows: Sequence[RowResult], command: str, **sections: Any) -> str:
-    return json.dumps(document(rows, command, **sections), indent=2, allow_nan=False) + "\n"
+    return strict_json(document(rows, command, **sections))
 
 
 CSV_COLUMNS = (
@@ -188,6 +201,9 @@ CSV_COLUMNS = (
     "weight_format",
     "accuracy.rel_error",
     "accuracy.quant_rel_error",
+    "energy.joules_per_token",
+    "cost.rental_usd_per_mtok",
+    "cost.ownership_usd_per_mtok",
     "peak.bandwidth_bytes_per_s",
     "peak.flops_per_s",
     "peak.source",
@@ -260,6 +276,8 @@ COLUMNS = (
 FORMAT_COLUMNS = ("format", "quant err")
 # Instrumented kernels only: executed / useful expert FLOPs, issued / compulsory expert weight bytes.
 KERNEL_COLUMNS = ("pad. waste", "load amp.")
+# Where measured / priced: joules per token (energy counters), $ per million tokens (``cost``).
+COST_COLUMNS = ("J/tok", "$/Mtok")
 
 
 def _error(value: float | None) -> str:
@@ -280,8 +298,12 @@ def results_table(rows: Sequence[RowResult]) -> Table:
     )
     kernel_columns = any("kernel" in r.extras for r in rows)
     format_columns = any(r.spec.fmt.quantized for r in rows)
+    cost_columns = tuple(
+        name for name, shown in zip(COST_COLUMNS, (_has_energy(rows), _has_cost(rows)), strict=True) if shown
+    )
     names = COLUMNS[:2] + (FORMAT_COLUMNS[:1] if format_columns else ()) + COLUMNS[2:]
     names += (FORMAT_COLUMNS[1:] if format_columns else ()) + (KERNEL_COLUMNS if kernel_columns else ())
+    names += cost_columns
     for name in names:
         left = name in ("backend", "bound", "format")
         table.add_column(name, justify="left" if left else "right", no_wrap=True)
@@ -315,8 +337,50 @@ def results_table(rows: Sequence[RowResult]) -> Table:
             _error(r.rel_error),
             *quant_cell,
             *(kernel_cells if kernel_columns else ()),
+            *_cost_cells(r, cost_columns),
         )
     return table
+
+
+def _has_energy(rows: Sequence[RowResult]) -> bool:
+    return any(r.energy is not None for r in rows)
+
+
+def _has_cost(rows: Sequence[RowResult]) -> bool:
+    return any(r.cost is not None and r.cost.best_known is not None for r in rows)
+
+
+def _cost_cells(row: RowResult, columns: Sequence[str]) -> list[str]:
+    cells = []
+    if "J/tok" in columns:
+        cells.append("—" if row.energy is None else f"{row.energy.joules_per_token:.3g}")
+    if "$/Mtok" in columns:
+        usd = None if row.cost is None else row.cost.best_known
+        cells.append("—" if usd is None else f"${usd:.3g}")
+    return cells
+
+
+def energy_note(rows: Sequence[RowResult]) -> str:
+    """How the energy was measured, or why it was not."""
+    measured = [r.energy for r in rows if r.energy is not None]
+    if not measured:
+        reasons = dict.fromkeys(r.energy_unavailable or "not measured" for r in rows)
+        return "Energy: not measured (" + "; ".join(reasons) + "); no estimate is given in its place."
+    e = measured[0]
+    return (
+        f"Energy: {e.source} ({e.scope}), read around a loop of the row's forwards back to back "
+        f"(≥ 1 s, after the timed reps, caches not flushed); J/tok = joules ÷ (forwards × T)."
+    )
+
+
+def cost_note(rows: Sequence[RowResult]) -> str | None:
+    """What the $/Mtok column is and every price behind it, or None when no row is priced."""
+    priced = [r.cost for r in rows if r.cost is not None]
+    if not priced:
+        return None
+    c = priced[0]
+    shown = "rental" if c.rental_usd_per_mtok is not None else "ownership (capital + measured energy)"
+    return f"$/Mtok: {shown}, per million {c.per}. {c.prices.describe()}."
 
 
 def checkpoint_line(spec: MoESpec, formats: Sequence[str] = ()) -> str:
@@ -373,6 +437,13 @@ def print_report(rows: Sequence[RowResult], console: Console) -> None:
         return
     console.print(results_table(rows))
     console.print(denominators_note(rows), style="dim", markup=False)
+    for note in (energy_note(rows), cost_note(rows)):
+        if note:
+            console.print(note, style="dim", markup=False)
+    from moecap_kernels.cap import SCALING, cap_points, cap_table  # cap reads this module's sqnr_db
+
+    console.print(cap_table(cap_points(rows)))
+    console.print(f"CAP axes: {SCALING}.", style="dim", markup=False)
     if rows[0].peaks.caveat:
         caveat = f"{rows[0].peaks.caveat}: S-MBU and S-MFU are against these figures"
         console.print(caveat, style="bold yellow", markup=False)
@@ -382,13 +453,20 @@ def print_report(rows: Sequence[RowResult], console: Console) -> None:
 
 
 def report_and_write(
-    rows: Sequence[RowResult], console: Console, command: str, json_path: str | None, csv_path: str | None
+    rows: Sequence[RowResult],
+    console: Console,
+    command: str,
+    json_path: str | None,
+    csv_path: str | None,
+    pictures: Mapping[str, bytes] | None = None,
 ) -> None:
-    """Print the report, then write the JSON and CSV files asked for, together (atomically)."""
+    """Print the report, then write the JSON and CSV files asked for and ``pictures`` ({path: bytes}),
+    together (atomically)."""
     print_report(rows, console)
-    files = {json_path: to_json(rows, command)} if json_path else {}
+    files: dict[str, str | bytes] = {json_path: to_json(rows, command)} if json_path else {}
     if csv_path:
         files[csv_path] = to_csv(rows)
+    files.update(pictures or {})
     write_all_atomic(files)
 
 

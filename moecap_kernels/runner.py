@@ -18,8 +18,10 @@ from typing import Any
 import torch
 
 from moecap_kernels.backends import get_backend
+from moecap_kernels.cost import Cost
 from moecap_kernels.counters import CountAccumulator, Counts
 from moecap_kernels.dtypes import torch_dtype
+from moecap_kernels.energy import EnergyMeter, EnergyReading, energy_meter, measure_energy
 from moecap_kernels.errors import UserError
 from moecap_kernels.hardware import DeviceInfo, Peaks
 from moecap_kernels.metrics import Traffic, Utilization, Work, load_imbalance, traffic, utilization, work
@@ -62,6 +64,7 @@ class ProfileRequest:
     checkpoint: Path | None = None  # real weights: this layer of this safetensors folder; else random
     layer: int = 0
     formats: tuple[str, ...] = ()  # weight formats, each a set of rows; () = the spec's own
+    measure_energy: bool = True  # read the energy counters around a ≥ 1 s loop after the timed reps
 
     @property
     def weight_formats(self) -> tuple[str, ...]:
@@ -113,6 +116,9 @@ class RowResult:
     counter_impl: str
     extras: dict[str, Any] = field(default_factory=dict)
     quant_rel_error: float | None = None  # against the float64 layer with the unquantized weights
+    energy: EnergyReading | None = None  # measured by the counters, else None and why not:
+    energy_unavailable: str = ""
+    cost: Cost | None = None  # $/Mtok, attached once the prices are known (``cost.cost_of``)
 
     @property
     def imbalance(self) -> float:
@@ -341,11 +347,14 @@ def profile_row(
     info: DeviceInfo,
     peaks: Peaks,
     flusher: Callable[[], CacheFlusher] | None = None,
+    meter: tuple[EnergyMeter | None, str] = (None, "energy not asked for"),
 ) -> RowResult:
-    """Time one backend on one scenario (warm-up, then reps), and derive its metrics.
+    """Time one backend on one scenario (warm-up, then reps), and derive its metrics; then, when
+    ``meter`` has counters, the energy of a loop of the same forwards spanning ≥ 1 s.
 
     ``flusher`` gives the cache flush to run between repetitions when the row needs one (default:
     a new one; ``run_profile`` makes one for all its rows, its buffer being up to 1 GiB).
+    ``meter``: (the energy counters, "") or (None, why there are none).
     """
     run = BackendRun(request, weights, row, backend_name)
     flush = needs_flush(request.spec, row, info)
@@ -358,7 +367,12 @@ def profile_row(
         between=make() if flush else None,
         after_warmup=run.reset_counts,
     )
-    return run.finish(scenario, timing, info, peaks, flush)
+    result = run.finish(scenario, timing, info, peaks, flush)
+    counters, why_not = meter
+    if counters is None:
+        return dataclasses.replace(result, energy_unavailable=why_not)
+    reading = measure_energy(run, counters, request.device, result.tokens, timing.median)
+    return dataclasses.replace(result, energy=reading)
 
 
 def run_profile(
@@ -376,13 +390,16 @@ def run_profile(
         in_fmt = request.in_format(name)
         layers.append((in_fmt, in_format(weights, in_fmt.spec), request.backends_for(name)))
     flusher = functools.cache(lambda: CacheFlusher(info.llc_bytes, request.device))  # made when first needed
+    meter = energy_meter(request.device) if request.measure_energy else (None, "not measured (--no-energy)")
     results = []
     for scenario in request.scenarios:
         row = Row(request, weights, scenario, scenario.tokens)
         for in_fmt, fmt_weights, backends in layers:
             for name in backends:
                 fmt_peaks = peaks[in_fmt.spec.compute_dtype]
-                result = profile_row(in_fmt, fmt_weights, row, scenario, name, info, fmt_peaks, flusher)
+                result = profile_row(
+                    in_fmt, fmt_weights, row, scenario, name, info, fmt_peaks, flusher, meter
+                )
                 results.append(result)
                 on_row(result)
     return results
