@@ -309,14 +309,52 @@ def list_presets() -> list[str]:
     return sorted(_preset_files())
 
 
-def load_preset(name: str) -> MoESpec:
-    """The shipped preset ``name`` (case-insensitive), or UserError listing what exists."""
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a preset says of its whole model, beside the one layer its spec describes: every
+    parameter (``params``), its decoder layers, and how many of them are MoE layers."""
+
+    params: int
+    layers: int
+    moe_layers: int
+    source: str
+
+    def expert_params(self, spec: MoESpec) -> int:
+        """Parameters of every MoE layer's routed and shared experts (what a weight format stores)."""
+        routed = spec.num_experts * (spec.params_per_expert + spec.bias_params_per_expert)
+        return self.moe_layers * (routed + spec.num_shared_experts * spec.params_per_shared_expert)
+
+    def weight_bytes(self, spec: MoESpec) -> int:
+        """The whole model's weights with its experts in ``spec``'s weight format and every other
+        parameter (attention, embeddings, norms, routers, dense layers) in ``spec.weight_dtype``."""
+        experts = self.moe_layers * (
+            spec.num_experts * spec.expert_weight_bytes
+            + spec.num_shared_experts * spec.shared_expert_weight_bytes
+        )
+        return experts + (self.params - self.expert_params(spec)) * spec.weight_bytes_per_param
+
+
+def _preset_data(name: str) -> tuple[str, dict[str, Any]]:
     files = _preset_files()
     key = name.strip().lower()
     if key not in files:
         raise UserError(f"unknown model {name!r}; known models: {', '.join(list_presets())}")
     try:
-        data = json.loads(files[key].read_text())
+        return key, json.loads(files[key].read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"preset {key}: malformed JSON ({exc})") from None
+
+
+def load_preset(name: str) -> MoESpec:
+    """The shipped preset ``name`` (case-insensitive), or UserError listing what exists."""
+    key, data = _preset_data(name)
+    data.pop("model", None)  # the whole model's facts: ``load_model_facts``
     return MoESpec.from_dict(data, origin=f"preset {key}")
+
+
+def load_model_facts(name: str) -> ModelFacts:
+    """The whole-model facts of preset ``name``; UserError when it has none."""
+    key, data = _preset_data(name)
+    if "model" not in data:
+        raise UserError(f"preset {key} does not state its whole model's parameters")
+    return ModelFacts(**data["model"])
