@@ -15,6 +15,7 @@ else running on the machine, included. The figures say so in their ``scope``.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -236,7 +237,11 @@ def nvml_meter(
 
 
 def energy_meter(device: torch.device) -> tuple[EnergyMeter | None, str]:
-    """The counters for ``device``: NVML on CUDA, RAPL on a CPU; else (None, the reason)."""
+    """The counters for ``device``: NVML on CUDA, RAPL on a CPU; else (None, the reason).
+    ``MOECAP_NO_ENERGY=1`` turns them off for every process (the test suite's rows would each add
+    a second's loop on a machine with readable counters)."""
+    if os.environ.get("MOECAP_NO_ENERGY", "").strip() not in ("", "0"):
+        return None, "not measured (MOECAP_NO_ENERGY is set)"
     if device.type == "cuda":
         return nvml_meter(device)
     return rapl_meter()

@@ -82,6 +82,12 @@ def test_profile_cost_block_and_column(tmp_path, capsys):
     assert "$/Mtok" in printed and "--price-per-hour" in printed
 
 
+def test_list_prices_names_every_source(capsys):
+    assert profile_main(["--list-prices"]) == 0
+    out = capsys.readouterr().out
+    assert "h100-sxm" in out and "c7a.large" in out and "(estimate)" in out and "2026-08-26" in out
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -166,6 +166,15 @@ def _profile(tmp_path: Path, *extra: str) -> dict:
     return json.loads(out.read_text())
 
 
+def test_the_environment_switch_turns_the_counters_off(monkeypatch):
+    monkeypatch.setenv("MOECAP_NO_ENERGY", "1")
+    assert energy.energy_meter(torch.device("cpu")) == (None, "not measured (MOECAP_NO_ENERGY is set)")
+    monkeypatch.setenv("MOECAP_NO_ENERGY", "0")
+    monkeypatch.setattr(energy, "POWERCAP", Path("/nonexistent/powercap"))
+    monkeypatch.setattr(energy, "rapl_meter", lambda root=None: (None, "no RAPL counters here"))
+    assert energy.energy_meter(torch.device("cpu")) == (None, "no RAPL counters here")
+
+
 def test_profile_without_counters_writes_null_energy_and_why(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("moecap_kernels.runner.energy_meter", lambda device: rapl_meter(tmp_path / "absent"))
     row = _profile(tmp_path)["results"][0]
