@@ -303,7 +303,8 @@ def results_table(rows: Sequence[RowResult]) -> Table:
     )
     names = COLUMNS[:2] + (FORMAT_COLUMNS[:1] if format_columns else ()) + COLUMNS[2:]
     names += (FORMAT_COLUMNS[1:] if format_columns else ()) + (KERNEL_COLUMNS if kernel_columns else ())
-    names += cost_columns
+    eager_column = any("time_s_eager" in r.extras for r in rows)
+    names += cost_columns + (("eager p50",) if eager_column else ())
     for name in names:
         left = name in ("backend", "bound", "format")
         table.add_column(name, justify="left" if left else "right", no_wrap=True)
@@ -338,8 +339,14 @@ def results_table(rows: Sequence[RowResult]) -> Table:
             *quant_cell,
             *(kernel_cells if kernel_columns else ()),
             *_cost_cells(r, cost_columns),
+            *((_eager_cell(r),) if eager_column else ()),
         )
     return table
+
+
+def _eager_cell(row: RowResult) -> str:
+    eager = row.extras.get("time_s_eager")
+    return "—" if eager is None else human_time(eager["median"])
 
 
 def _has_energy(rows: Sequence[RowResult]) -> bool:
@@ -401,6 +408,20 @@ def _trials(spread: float | None) -> str:
     return "" if spread is None else f"; trials within {spread:.1%}"
 
 
+def timing_methods(rows: Sequence[RowResult]) -> str:
+    """How the rows were timed; graph replays are kernel time, and the eager loop's is beside them."""
+    graphed = [r for r in rows if "time_s_eager" in r.extras]
+    methods = ", ".join(dict.fromkeys(r.time.method for r in rows))
+    if not graphed:
+        return methods
+    others = {r.extras.get("cuda_graph") for r in rows if "time_s_eager" not in r.extras} - {None}
+    why = f" (the others eager: {'; '.join(sorted(others))})" if others else ""
+    return (
+        f"{methods}: time p50 is the kernels' time for the {len(graphed)} graphed rows, "
+        f"'eager p50' what an eager loop of launches takes{why}"
+    )
+
+
 def denominators_note(rows: Sequence[RowResult]) -> str:
     """What the ratios are ratios of: the peaks used, with their sources, and cache handling."""
     p = rows[0].peaks
@@ -425,7 +446,7 @@ def denominators_note(rows: Sequence[RowResult]) -> str:
         f"S-MBU, MBU: ÷ {human_bytes(p.bandwidth_bytes_per_s)}/s ({p.bandwidth_source}"
         f"{_trials(p.bandwidth_spread)}).  "
         f"S-MFU, MFU: ÷ {flops}.  "
-        f"Ridge point {ridges} FLOP/byte.  Timing: {rows[0].time.method}, "
+        f"Ridge point {ridges} FLOP/byte.  Timing: {timing_methods(rows)}, "
         f"median of {len(rows[0].time.samples_s)} reps; {cache}.  Counts: {rows[0].counter_impl}.  "
         "Dense MBU/MFU count every expert as read and computed: above 100% where sparsity saves work."
     )

@@ -23,6 +23,7 @@ from moecap_kernels.counters import CountAccumulator, Counts
 from moecap_kernels.dtypes import torch_dtype
 from moecap_kernels.energy import EnergyMeter, EnergyReading, energy_meter, measure_energy
 from moecap_kernels.errors import UserError
+from moecap_kernels.graphs import Capture, capture_graphs, try_capture
 from moecap_kernels.hardware import DeviceInfo, Peaks
 from moecap_kernels.metrics import Traffic, Utilization, Work, load_imbalance, traffic, utilization, work
 from moecap_kernels.nvtx import nvtx_range
@@ -65,6 +66,7 @@ class ProfileRequest:
     layer: int = 0
     formats: tuple[str, ...] = ()  # weight formats, each a set of rows; () = the spec's own
     measure_energy: bool = True  # read the energy counters around a ≥ 1 s loop after the timed reps
+    cuda_graphs: bool = True  # on CUDA, time graph replays of graph-safe backends (kernel time)
 
     @property
     def weight_formats(self) -> tuple[str, ...]:
@@ -348,26 +350,42 @@ def profile_row(
     peaks: Peaks,
     flusher: Callable[[], CacheFlusher] | None = None,
     meter: tuple[EnergyMeter | None, str] = (None, "energy not asked for"),
+    capture: Capture | None = None,
 ) -> RowResult:
     """Time one backend on one scenario (warm-up, then reps), and derive its metrics; then, when
     ``meter`` has counters, the energy of a loop of the same forwards spanning ≥ 1 s.
 
     ``flusher`` gives the cache flush to run between repetitions when the row needs one (default:
     a new one; ``run_profile`` makes one for all its rows, its buffer being up to 1 GiB).
-    ``meter``: (the energy counters, "") or (None, why there are none).
+    ``meter``: (the energy counters, "") or (None, why there are none). ``capture`` (CUDA:
+    ``graphs.capture_graphs``): when given and the backend is graph-safe, the timed figure is of
+    graph replays and the eager loop's goes to ``time_s_eager``; else why not, in ``cuda_graph``.
     """
     run = BackendRun(request, weights, row, backend_name)
     flush = needs_flush(request.spec, row, info)
     make = flusher or (lambda: CacheFlusher(info.llc_bytes, request.device))
+    between = make() if flush else None
     timing = time_region(
-        run,
-        request.device,
-        warmup=request.warmup,
-        reps=request.reps,
-        between=make() if flush else None,
+        run, request.device, warmup=request.warmup, reps=request.reps, between=between,
         after_warmup=run.reset_counts,
-    )
+    )  # fmt: skip
+    graph_extras: dict[str, Any] = {}
+    if capture is not None:
+        replay, why_not = (None, "not captured: the backend waits for the host inside a forward")
+        if run.backend.graph_safe:
+            replay, why_not = try_capture(capture, run, INPUT_COPIES, request.device)
+        if replay is None:
+            graph_extras["cuda_graph"] = why_not
+        else:  # the replays are the timed figure; their counts replace the eager loop's
+            eager = timing
+            timing = time_region(
+                replay, request.device, warmup=min(request.warmup, 3), reps=request.reps, between=between,
+                after_warmup=run.reset_counts, method="cuda-graph replays",
+            )  # fmt: skip
+            graph_extras["time_s_eager"] = eager.to_dict()
     result = run.finish(scenario, timing, info, peaks, flush)
+    if graph_extras:
+        result = dataclasses.replace(result, extras={**result.extras, **graph_extras})
     counters, why_not = meter
     if counters is None:
         return dataclasses.replace(result, energy_unavailable=why_not)
@@ -391,6 +409,7 @@ def run_profile(
         layers.append((in_fmt, in_format(weights, in_fmt.spec), request.backends_for(name)))
     flusher = functools.cache(lambda: CacheFlusher(info.llc_bytes, request.device))  # made when first needed
     meter = energy_meter(request.device) if request.measure_energy else (None, "not measured (--no-energy)")
+    capture = capture_graphs if request.device.type == "cuda" and request.cuda_graphs else None
     results = []
     for scenario in request.scenarios:
         row = Row(request, weights, scenario, scenario.tokens)
@@ -398,7 +417,7 @@ def run_profile(
             for name in backends:
                 fmt_peaks = peaks[in_fmt.spec.compute_dtype]
                 result = profile_row(
-                    in_fmt, fmt_weights, row, scenario, name, info, fmt_peaks, flusher, meter
+                    in_fmt, fmt_weights, row, scenario, name, info, fmt_peaks, flusher, meter, capture
                 )
                 results.append(result)
                 on_row(result)

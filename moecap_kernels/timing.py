@@ -61,6 +61,7 @@ def time_region(
     reps: int,
     between: Callable[[], None] | None = None,
     after_warmup: Callable[[], None] | None = None,
+    method: str | None = None,
 ) -> TimingStats:
     """Time ``run(i)`` for i in range(reps) after ``warmup`` untimed calls.
 
@@ -68,7 +69,9 @@ def time_region(
     counters, say).
     """
     hooks = [after_warmup] if after_warmup is not None else []
-    return time_interleaved([run], device, warmup=warmup, reps=reps, between=between, after_warmup=hooks)[0]
+    return time_interleaved(
+        [run], device, warmup=warmup, reps=reps, between=between, after_warmup=hooks, method=method
+    )[0]
 
 
 def time_interleaved(
@@ -80,12 +83,14 @@ def time_interleaved(
     between: Callable[[], None] | None = None,
     after_warmup: Sequence[Callable[[], None]] = (),
     shuffle: bool = True,
+    method: str | None = None,
 ) -> list[TimingStats]:
     """Time several runs in turn so drift of the machine hits them all alike.
 
     Every repetition runs each of them once, in an order shuffled per repetition (seeded, so
     reproducible): in a fixed order A B A B … the run after A always finds the caches and threads
     as A left them, and that bias would fall on B alone. ``shuffle=False`` keeps the order.
+    ``method`` names what the runs are when the clock's own name would not say it (graph replays).
     """
     if reps < 1:
         raise ValueError("reps must be >= 1")
@@ -96,6 +101,8 @@ def time_interleaved(
         hook()
     _synchronize(device)
     clock = _CudaClock(device) if device.type == "cuda" else _HostClock()
+    if method is not None:
+        clock.method = method
     order = list(range(len(runs)))
     shuffler = random.Random(0)
     for i in range(reps):
@@ -126,7 +133,9 @@ class _HostClock:
 
 
 class _CudaClock:
-    """Events around each region; elapsed times are read after one synchronisation at the end."""
+    """Events around each region, recorded on ``device``'s current stream (the stream the region's
+    work is queued on; with ``cuda:N`` the current device may be another GPU, whose stream would be
+    idle); elapsed times are read after one synchronisation at the end."""
 
     method = "cuda-events"
 
@@ -136,10 +145,11 @@ class _CudaClock:
 
     @contextmanager
     def measure(self, key: int) -> Iterator[None]:
+        stream = torch.cuda.current_stream(self._device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        start.record(stream)
         yield
-        end.record()
+        end.record(stream)
         self._events.setdefault(key, []).append((start, end))
 
     def seconds(self, n: int) -> list[list[float]]:

@@ -130,6 +130,9 @@ class Backend(ABC):
     # True when it may compute from a copy of the weights it made (a packed layout): weights that
     # change in place (an expert cache's slots) then cost that copy again (``forget``)
     copies_weights: bool = False
+    # Whether a forward never waits for the host (no .item(), .tolist(), nonzero): then a CUDA
+    # graph can capture it and the timed figure is kernel time (``graphs``).
+    graph_safe: bool = False
 
     def availability(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """None when this backend runs on ``device`` with ``dtype``, else one line saying why not."""

@@ -29,6 +29,7 @@ import torch
 
 from moecap_kernels.backends import register
 from moecap_kernels.backends.base import Backend, shared_as_routing
+from moecap_kernels.dtypes import torch_dtype
 from moecap_kernels.nvtx import nvtx_range
 from moecap_kernels.quant.formats import FORMAT_NAMES, int8_max_reduction
 from moecap_kernels.spec import MoESpec
@@ -57,6 +58,7 @@ def _operands(x: torch.Tensor, weights: MoEWeights, spec: MoESpec) -> tuple[torc
 class TritonBackend(Backend):
     description = "Triton grouped GEMMs: fused gate/up+act, down with fused weighting and combine"
     weight_formats = FORMAT_NAMES
+    graph_safe = True  # no host synchronisation in a forward (see the module docstring)
 
     def __init__(self, count: bool = False, deterministic: bool = False, config: Any = None) -> None:
         self.count = count
@@ -64,6 +66,7 @@ class TritonBackend(Backend):
         self.config = config  # a kernels.configs.KernelConfig, or None to choose per layer
         self.last_config: Any = None
         self._counters: torch.Tensor | None = None
+        self._configs: dict[tuple, Any] = {}  # chosen per shape in prepare(), looked up per forward
 
     def availability(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if importlib.util.find_spec("triton") is None:
@@ -131,15 +134,24 @@ class TritonBackend(Backend):
             self.reset_kernel_counters()
 
     # --- forward -----------------------------------------------------------------------
-    def _choose_config(self, x: torch.Tensor, dtype: torch.dtype, spec: MoESpec) -> Any:
-        """The forced config or the tuned/heuristic one, fitted to the weight format (BLOCK_K)."""
+    def prepare(self, weights: MoEWeights, spec: MoESpec, tokens: int) -> None:
+        """Choose the launch config of ``tokens``-token forwards now, outside the timed region."""
+        dtype = weights.w_in.dtype if not spec.fmt.quantized else torch_dtype(spec.act_dtype)
+        self._choose_config(tokens, dtype, weights.w_in.device, spec)
+
+    def _choose_config(self, tokens: int, dtype: torch.dtype, device: torch.device, spec: MoESpec) -> Any:
+        """The forced config or the tuned/heuristic one, fitted to the weight format (BLOCK_K);
+        chosen once per shape (a forward then only looks it up)."""
         from moecap_kernels.kernels.configs import for_format, get_config
 
         fmt = spec.fmt if spec.fmt.quantized else None
         if self.config is not None:
             return self.config if fmt is None else for_format(self.config, fmt)
-        shape = (x.shape[0], spec.num_experts, spec.top_k, spec.hidden_size, spec.intermediate_size)
-        return get_config(*shape, dtype, x.device, spec.gated, weight_format=fmt)
+        shape = (tokens, spec.num_experts, spec.top_k, spec.hidden_size, spec.intermediate_size)
+        key = (*shape, dtype, device, spec.gated, spec.weight_format)
+        if key not in self._configs:
+            self._configs[key] = get_config(*shape, dtype, device, spec.gated, weight_format=fmt)
+        return self._configs[key]
 
     def forward(
         self,
@@ -152,7 +164,7 @@ class TritonBackend(Backend):
         from moecap_kernels.kernels.ops import fused_experts, moe_combine
 
         xw, (w_in, w_out, shared_in, shared_out), biases = _operands(x, weights, spec)
-        config = self._choose_config(x, xw.dtype, spec)
+        config = self._choose_config(x.shape[0], xw.dtype, x.device, spec)
         self.last_config = config
         counters = self._counter_buffer(x.device) if self.count else None
         options = dict(
