@@ -13,6 +13,7 @@ group-wise scales need ``BLOCK_K`` to divide the group).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
@@ -23,8 +24,10 @@ from moecap_kernels.errors import UserError
 from moecap_kernels.quant.formats import WeightFormat
 
 CONFIG_KEYS = ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages")
-# Shared memory a pipelined stage may use (H100/H200 allow 227 KiB per block; keep some headroom).
+# Shared memory a pipelined stage may use (H100/H200 allow 227 KiB per block, A100 163 KiB; keep
+# some headroom).
 SMEM_BUDGET_BYTES = 200 * 1024
+AMPERE_SMEM_BUDGET_BYTES = 144 * 1024
 # Where tuned tables ship and where load_tuned looks by default (benchmarks/tune_triton.py writes there).
 CONFIG_FOLDER = Path(__file__).resolve().parent.parent / "configs"
 
@@ -52,6 +55,32 @@ class KernelConfig:
     def as_list(self) -> list[int]:
         """The six launch integers, in CONFIG_KEYS order (the custom ops take them as an int list)."""
         return [getattr(self, key) for key in CONFIG_KEYS]
+
+
+def _tiles(replacements: dict[tuple[int, ...], tuple[int, ...]]) -> dict[KernelConfig, KernelConfig]:
+    """{config: its replacement}, each written as (block_m, block_n, block_k, group_m, warps, stages)."""
+    return {KernelConfig(*old): KernelConfig(*new) for old, new in replacements.items()}
+
+
+# Replacements of the Hopper heuristic's tiles found by python benchmarks/compile_check.py (and kept
+# so by tests/test_compile_check.py). On Ampere, dense tiles that spill registers on sm_80:
+AMPERE = _tiles(
+    {(128, 128, 64, 8, 8, 3): (128, 64, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4): (64, 128, 64, 8, 8, 3)}
+)
+# Gated experts dequantized in the K loop: tiles that spill no register on sm_90 …
+QUANTIZED_GATED = _tiles({
+    (32, 64, 128, 1, 4, 4): (32, 32, 64, 1, 4, 4),
+    (64, 64, 128, 1, 4, 4): (64, 128, 64, 1, 8, 4),
+    (64, 128, 64, 8, 4, 4): (64, 128, 64, 8, 8, 4),
+    (128, 128, 64, 8, 8, 3): (128, 64, 32, 8, 8, 4),
+})  # fmt: skip
+# … and on sm_80, where some of those (and the 16-row decode tile) still spill a few bytes.
+AMPERE_QUANTIZED_GATED = _tiles({
+    (16, 64, 128, 1, 4, 4): (16, 64, 64, 1, 4, 4),
+    (64, 64, 128, 1, 4, 4): (64, 128, 32, 1, 8, 3),
+    (64, 128, 64, 8, 4, 4): (64, 128, 32, 8, 8, 3),
+    (128, 128, 64, 8, 8, 3): (64, 128, 32, 8, 8, 3),
+})  # fmt: skip
 
 
 def config_file_name(
@@ -98,6 +127,16 @@ def _pow2_at_least_16(n: int) -> int:
     return max(16, 1 << max(0, n - 1).bit_length())
 
 
+def decode_block_m(rows_per_expert: float) -> int:
+    """The M-block that holds all of an expert's rows at decode sizes, so that each activated expert's
+    weights are read by one M-block (load amplification 1.0): the smallest power of two, from 16 to
+    64, at or above ``r + 4·√r``, r the mean rows per expert. Under uniform routing an expert's rows
+    are binomial with mean r and variance below r: four standard deviations leave about one expert in
+    30,000 with a second M-block."""
+    bound = rows_per_expert + 4 * math.sqrt(rows_per_expert)
+    return min(64, _pow2_at_least_16(math.ceil(bound)))
+
+
 def heuristic_config(
     num_tokens: int,
     num_experts: int,
@@ -106,22 +145,38 @@ def heuristic_config(
     intermediate_size: int,
     elem_bytes: int,
     gated: bool = True,
+    arch: int = 90,
+    quantized: bool = False,
 ) -> KernelConfig:
-    """Block sizes from the expected rows per expert (T·k/E) and the shape.
+    """Block sizes from the expected rows per expert r = T·k/E, the shape, the GPU (``arch``:
+    compute capability × 10, 90 for Hopper) and whether the kernels dequantize their weights.
 
-    Decode (few rows per expert) is weight-bandwidth bound: a 16-row M-block wastes the least
-    padding and wide K tiles stream weights in long bursts. Prefill is compute bound: 64- or
-    128-row blocks reuse each weight tile across more rows (wgmma wants M >= 64).
+    Decode (r ≤ 48) is weight-bandwidth bound: the M-block is sized to hold an expert's rows
+    (``decode_block_m``), so no expert's weights are read twice, and wide K tiles stream them in
+    long bursts; its padding costs FLOPs the memory-bound layer has to spare. Prefill is compute
+    bound: 64- or 128-row blocks reuse each weight tile across more rows (wgmma wants M ≥ 64). On
+    Ampere (arch < 90) the 128-row gated tile of 128 columns spills registers (compile-checked:
+    ``kernels/compile_check.py``): it takes 64 columns there instead. Gated experts dequantized in
+    the K loop hold more registers per tile: ``QUANTIZED_GATED`` (and on sm_80
+    ``AMPERE_QUANTIZED_GATED``) give them tiles that spill nothing.
     """
     rows_per_expert = num_tokens * top_k / num_experts
-    if rows_per_expert <= 16:
-        cfg = KernelConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=4)
-    elif rows_per_expert <= 48:
-        cfg = KernelConfig(32, 64, 128, group_m=4, num_warps=4, num_stages=4)
+    if rows_per_expert <= 48:
+        block_m = decode_block_m(rows_per_expert)
+        cfg = {
+            16: KernelConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=4),
+            32: KernelConfig(32, 64, 128, group_m=1, num_warps=4, num_stages=4),
+            64: KernelConfig(64, 64, 128, group_m=1, num_warps=4, num_stages=4),
+        }[block_m]
     elif rows_per_expert <= 256:
         cfg = KernelConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=4)
     else:
         cfg = KernelConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3)
+    if quantized and gated:
+        ampere = AMPERE_QUANTIZED_GATED.get(cfg) if arch < 90 else None
+        cfg = ampere or QUANTIZED_GATED.get(cfg, cfg)
+    elif arch < 90:
+        cfg = AMPERE.get(cfg, cfg)
     if elem_bytes >= 4:
         cfg = replace(cfg, block_k=max(16, cfg.block_k // 2))
     # Never tile past the (power-of-two rounded) problem: small layers would only mask work away.
@@ -133,8 +188,17 @@ def heuristic_config(
     )
     weight_tiles = 2 if gated else 1
     stage_bytes = (cfg.block_m * cfg.block_k + weight_tiles * cfg.block_k * cfg.block_n) * elem_bytes
-    stages = max(2, min(cfg.num_stages, SMEM_BUDGET_BYTES // stage_bytes))
-    return replace(cfg, num_stages=stages, source="heuristic")
+    budget = SMEM_BUDGET_BYTES if arch >= 90 else AMPERE_SMEM_BUDGET_BYTES
+    stages = max(2, min(cfg.num_stages, budget // stage_bytes))
+    return replace(cfg, num_stages=stages, source="heuristic" if arch >= 90 else f"heuristic (sm_{arch})")
+
+
+def cuda_arch(device: torch.device) -> int:
+    """Compute capability × 10 of a CUDA device (90 for H100/H200); 90 elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def get_config(
@@ -151,16 +215,36 @@ def get_config(
 ) -> KernelConfig:
     """The tuned config nearest ``num_tokens`` if a file matches, else the heuristic (``source``
     says), fitted to ``weight_format`` (quantized experts; ``dtype`` is then the activations')."""
+    shape = (num_tokens, num_experts, top_k, hidden_size, intermediate_size)
+    return config_for(*shape, dtype, device_name(device), cuda_arch(device), gated, folder, weight_format)
+
+
+def config_for(
+    num_tokens: int,
+    num_experts: int,
+    top_k: int,
+    hidden_size: int,
+    intermediate_size: int,
+    dtype: torch.dtype,
+    device: str,
+    arch: int,
+    gated: bool = True,
+    folder: str | None = None,
+    weight_format: WeightFormat | None = None,
+) -> KernelConfig:
+    """``get_config`` for a device named ``device`` (as in tuned file names) of compute capability
+    ``arch``, which need not be present (the compile check asks for GPUs it does not have)."""
     dtype_name = str(dtype).removeprefix("torch.")
     fmt_name = "none" if weight_format is None else weight_format.name
-    name = config_file_name(num_experts, intermediate_size, device_name(device), dtype_name, fmt_name)
+    name = config_file_name(num_experts, intermediate_size, device, dtype_name, fmt_name)
     table = load_tuned(name, folder)
     if table:
         cfg = table[min(table, key=lambda m: (abs(m - num_tokens), m))]
     else:
         elem_bytes = torch.empty((), dtype=dtype).element_size()
         shape = (num_tokens, num_experts, top_k, hidden_size, intermediate_size)
-        cfg = replace(heuristic_config(*shape, elem_bytes, gated), source=f"heuristic (no tuned file {name})")
+        cfg = heuristic_config(*shape, elem_bytes, gated, arch, quantized=weight_format is not None)
+        cfg = replace(cfg, source=f"{cfg.source} (no tuned file {name})")
     return cfg if weight_format is None else for_format(cfg, weight_format)
 
 
