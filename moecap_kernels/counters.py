@@ -92,6 +92,11 @@ class CountAccumulator:
             if self.implementation == "extension"
             else None
         )
+        if self._op is None and use_extension is None and self.device.type == "cuda":
+            from moecap_kernels import cupy_kernels  # the same CUDA kernel, compiled by NVRTC
+
+            if cupy_kernels.available():
+                self.implementation, self._op = "cupy (NVRTC)", cupy_kernels.count_routing
 
     def _want_extension(self, use_extension: bool | None) -> bool:
         if use_extension is False:

@@ -60,17 +60,24 @@ def align_tokens(
     """Sort the pairs of ``topk_ids`` (int [T, k], values in [0, num_experts)) by expert, padded per expert.
 
     Uses the compiled ``moecap::align_tokens`` (csrc/align.cpp, one pass instead of a dozen torch
-    launches) when it is built for this device, else :func:`align_tokens_torch`; both produce the
-    same tensors. Values outside [0, num_experts) are not checked on CUDA (that would need a host
-    sync) and give undefined results.
+    launches) when it is built for this device, else on CUDA the same kernels compiled by NVRTC
+    (``cupy_kernels``, when CuPy is installed), else :func:`align_tokens_torch`; all produce the same
+    tensors (``use_extension=False`` forces the torch path). Values outside [0, num_experts) are not
+    checked on CUDA (that would need a host sync) and give undefined results.
     """
     if topk_ids.dim() != 2:
         raise ValueError(f"topk_ids must be [T, k], got shape {tuple(topk_ids.shape)}")
+    chosen = use_extension is not None
     if use_extension is None:
         from moecap_kernels._ext import has_op
 
         use_extension = has_op("align_tokens", topk_ids.device.type)
     if not use_extension:
+        if topk_ids.device.type == "cuda" and not chosen:
+            from moecap_kernels import cupy_kernels  # the same CUDA kernels, compiled by NVRTC
+
+            if cupy_kernels.available():
+                return AlignedRouting(*cupy_kernels.align_tokens(topk_ids, num_experts, block_m))
         return align_tokens_torch(topk_ids, num_experts, block_m)
     return AlignedRouting(*torch.ops.moecap.align_tokens(topk_ids, num_experts, block_m))
 
