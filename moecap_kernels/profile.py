@@ -178,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     how.add_argument("--no-accuracy", action="store_true", help="skip the float64 reference check")
     how.add_argument(
+        "--audit",
+        action="store_true",
+        help="CUDA: one forward of each row under Nsight Compute (ncu): DRAM bytes read and written "
+        "beside the counted compulsory bytes",
+    )
+    how.add_argument(
         "--no-energy",
         action="store_true",
         help="skip the energy counters (NVML on CUDA, RAPL on CPU) and their ≥ 1 s loop per row",
@@ -659,6 +665,12 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     from moecap_kernels.runner import ProfileRequest, check_request_fits, run_profile
 
     device = resolve_device(args.device)
+    if args.audit and device.type != "cuda":
+        raise UserError("--audit reads a GPU's DRAM counters with Nsight Compute: it needs a CUDA device")
+    if args.audit and (
+        args.ep is not None or args.project_ep is not None or args.offload or args.trace_stats
+    ):
+        raise UserError("--audit applies to a profile's rows, not to --ep, --project-ep or --offload")
     if args.list_backends:
         list_backends(console, device)
         return 0
@@ -744,6 +756,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
 
         rows = run_profile(request, info, peaks, on_row=advance)
     rows = [with_cost(row, prices) for row in rows]
+    if args.audit:
+        rows = [with_audit(row, request, console) for row in rows]
     report_and_write(rows, console, command, args.json, args.csv, pictures(args, rows))
     return 0
 
@@ -773,6 +787,19 @@ def with_cost(row: RowResult, prices: Prices) -> RowResult:
     joules = None if row.energy is None else row.energy.joules_per_token
     per = f"tokens through this one MoE layer ({row.spec.name}), at the row's T"
     return dataclasses.replace(row, cost=cost_of(row.tokens / row.time.median, joules, prices, per))
+
+
+def with_audit(row: RowResult, request: object, console: Console) -> RowResult:
+    """``row`` with the DRAM bytes ncu saw one of its forwards move (``audit``), or why not."""
+    import dataclasses
+
+    from moecap_kernels.audit import audit_row
+
+    Interrupt.check()
+    console.print(f"auditing {row.backend} T={row.tokens} under ncu…", style="dim", markup=False)
+    found = audit_row(row.spec, row.backend, row.tokens, request.seed, str(request.device),
+                      request.routing.describe())  # fmt: skip
+    return dataclasses.replace(row, extras={**row.extras, "audit": found})
 
 
 def pictures(args: argparse.Namespace, rows: Sequence[RowResult]) -> dict[str, bytes]:

@@ -304,7 +304,10 @@ def results_table(rows: Sequence[RowResult]) -> Table:
     names = COLUMNS[:2] + (FORMAT_COLUMNS[:1] if format_columns else ()) + COLUMNS[2:]
     names += (FORMAT_COLUMNS[1:] if format_columns else ()) + (KERNEL_COLUMNS if kernel_columns else ())
     eager_column = any("time_s_eager" in r.extras for r in rows)
-    names += cost_columns + (("eager p50",) if eager_column else ())
+    audit_column = any("audit" in r.extras for r in rows)
+    names += (
+        cost_columns + (("eager p50",) if eager_column else ()) + (("DRAM/counted",) if audit_column else ())
+    )
     for name in names:
         left = name in ("backend", "bound", "format")
         table.add_column(name, justify="left" if left else "right", no_wrap=True)
@@ -340,8 +343,17 @@ def results_table(rows: Sequence[RowResult]) -> Table:
             *(kernel_cells if kernel_columns else ()),
             *_cost_cells(r, cost_columns),
             *((_eager_cell(r),) if eager_column else ()),
+            *((_audit_cell(r),) if audit_column else ()),
         )
     return table
+
+
+def _audit_cell(row: RowResult) -> str:
+    """DRAM bytes read under ncu ÷ the counted compulsory bytes, or why there is none."""
+    audit = row.extras.get("audit")
+    if audit is None:
+        return "—"
+    return f"{audit['read_over_counted']:.2f}×" if "read_over_counted" in audit else "n/a"
 
 
 def _eager_cell(row: RowResult) -> str:
