@@ -1,64 +1,87 @@
 #!/usr/bin/env bash
-# One call on a GPU machine (torch, Triton, nvcc; no network, nothing installed): build the extension,
-# run the GPU tests, measure the ceilings, profile three real MoE layers with every backend, and print
-# a short table last. Full results (JSON, logs) go to the folder given as $1 (default: $OUT, else
-# benchmarks/results/gpu-<date>). Not run on a GPU yet, so its duration is unmeasured; the step
-# timeouts bound it, so that a machine lent for 10 minutes a call runs it in two parts: PART=1 (build,
-# GPU tests, ceilings, quantized experts: 120 + 270 + 60 + 150 = 600 s at most) and PART=2 (build,
-# ceilings, the three layers' profiles: 120 + 60 + 3 × (80 + 60) = 600 s at most), each followed by
-# the untimed summary. A failing timed step is reported, the later steps still run, and the script
-# then exits 1.
+# The GPU check, in two commands that each fit one call of a lent GPU machine (at most 8 minutes and
+# 7 returned files): every step runs under `timeout`, and the step limits of a part add up to less than
+# 8 minutes by construction (printed at the start). A failing step is reported and the later steps
+# still run (no `pytest -x`); the script then exits 1. A short table comes last.
 #
-#   [PART=1|2] bash benchmarks/gpu_check.sh [RESULTS_DIR]
+#   PART=1 bash benchmarks/gpu_check.sh [RESULTS_DIR]   build, GPU tests, ceilings, formats, audit
+#   PART=2 bash benchmarks/gpu_check.sh [RESULTS_DIR]   build, ceilings, three layers' profiles
+#
+# Files (RESULTS_DIR, default $OUT, else benchmarks/results/gpu-<date>):
+#   PART=1: gpu_tests.xml ceilings.json quant.json audit.json summary-1.md        (5)
+#   PART=2: mixtral-8x7b.json qwen3-30b-a3b.json deepseek-v3.json summary-2.md   (4; the ceilings
+#           it measures stay in a temporary folder)
+# Decode and prefill of one layer go to one JSON (two profile runs merged), so that each part stays
+# within 7 files. Offloading has no GPU tier yet (disk only, refused on CUDA): nothing to check there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:-${OUT:-benchmarks/results/gpu-$(date +%F)}}
 mkdir -p "$RESULTS"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export MOECAP_CACHE_DIR=${MOECAP_CACHE_DIR:-/tmp/moecap-cache}
+SCRATCH=$(mktemp -d)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MOECAP_NO_ENERGY=${MOECAP_NO_ENERGY:-0}
+export MOECAP_CACHE_DIR=${MOECAP_CACHE_DIR:-/tmp/moecap-cache} TRITON_DEFAULT_FP_FUSION=1
 PY=${PYTHON:-python3}
-PART=${PART:-all}
+PART=${PART:-1}
 status=0
-part() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
 step() { echo; echo "== $1"; }
-# run LIMIT CMD...: CMD under a timeout; on failure say so, set status=1 and return 1. In a pipeline
-# (`run … | tee`) run is in a subshell whose status=1 is lost: pipefail hands its 1 on, so check it.
-run() { local limit=$1; shift; timeout "$limit" "$@" || { echo "!! failed ($?): $*"; status=1; return 1; }; }
+# run LIMIT CMD...: CMD under a timeout; on failure say so and set status=1. DRY=1 only lists the steps
+# (tests/test_gpu_check.py reads that list: every step bounded, at most 7 result files).
+run() {
+  local limit=$1; shift
+  if [ -n "${DRY:-}" ]; then echo "DRY $limit $*"; return 0; fi
+  timeout --kill-after=5 "$limit" "$@" || { echo "!! failed ($?): $*"; status=1; }
+}
+# Every step's limit (seconds), in the order the steps run; each may add 5 s to be killed. The worst
+# case, sum + 5 per step, is checked against 470 s before anything runs.
+if [ "$PART" = 1 ]; then
+  L_MACHINE=10 L_BUILD=80 L_TESTS=160 L_CEIL=35 L_QUANT=75 L_AUDIT=60 L_SUMMARY=15
+  LIMITS=($L_MACHINE $L_BUILD $L_TESTS $L_CEIL $L_QUANT $L_AUDIT $L_SUMMARY)
+else
+  L_MACHINE=10 L_BUILD=80 L_CEIL=35 L_DECODE=45 L_PREFILL=30 L_MERGE=10 L_SUMMARY=15
+  LIMITS=($L_MACHINE $L_BUILD $L_CEIL $L_DECODE $L_PREFILL $L_MERGE $L_DECODE $L_PREFILL $L_MERGE \
+          $L_DECODE $L_PREFILL $L_MERGE $L_SUMMARY)
+fi
+WORST=$(( $(IFS=+; echo "${LIMITS[*]}") + 5 * ${#LIMITS[@]} ))
+echo "gpu_check part $PART: ${#LIMITS[@]} steps, at most $WORST s; results in $RESULTS"
+[ "$WORST" -le 470 ] || { echo "!! part $PART could take $WORST s > 470 s"; exit 2; }
 
 step "machine"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
-$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+run $L_MACHINE nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv,noheader
+step "build the extension (CUDA flavour; CuPy/NVRTC is the fallback)"
+run $L_BUILD $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', \
+triton.__version__); from moecap_kernels import _ext, cupy_kernels; _ext.main(); print('cupy:', cupy_kernels.status())"
 
-step "build the extension (CUDA flavour)"
-run 120 $PY -m moecap_kernels._ext
-
-if part 1; then
-  step "GPU tests"
-  run 270 $PY -m pytest -q -x tests/test_gpu.py 2>&1 | tee "$RESULTS/gpu_tests.log" || status=1
-fi
-
-step "ceilings: read/copy bandwidth and GEMM peaks, measured"
-run 60 $PY benchmarks/gpu_summary.py calibrate --json "$RESULTS/ceilings.json"
-
-if part 1; then
-  step "quantized experts: every format through triton (and the dequantize-then-GEMM baseline)"
-  run 150 $PY -m moecap_kernels.profile --model mixtral-8x7b --phase decode --batch 1,8,64 \
-    --quant none,int8,w8a8,int4-g128,int4-g128-zp,fp8-channel,fp8-block,mxfp4 --backend triton,dequant \
-    --warmup 5 --reps 40 --json "$RESULTS/mixtral-8x7b-quant.json"
-fi
-
-if part 2; then
-  step "profiles"
+if [ "$PART" = 1 ]; then
+  step "GPU tests (every test runs; failures are listed, not stopping the rest)"
+  run $L_TESTS $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -o addopts="" -rf \
+    --junit-xml="$RESULTS/gpu_tests.xml"
+  step "ceilings: read/copy bandwidth and GEMM peaks, measured"
+  run $L_CEIL $PY benchmarks/gpu_summary.py calibrate --json "$RESULTS/ceilings.json"
+  step "quantized experts: every format through triton, beside the dequantize-then-GEMM baseline"
+  run $L_QUANT $PY -m moecap_kernels.profile --model mixtral-8x7b --batch 1,8,64 --no-accuracy \
+    --quant none,int8,w8a8,int4-g128,fp8-block,mxfp4 --backend triton,dequant --warmup 5 --reps 30 \
+    --json "$RESULTS/quant.json"
+  step "hardware-counter audit: DRAM bytes under ncu beside the counted bytes (decode T <= 8)"
+  run $L_AUDIT $PY -m moecap_kernels.profile --model mixtral-8x7b --batch 1,8 --backend triton,grouped \
+    --no-accuracy --warmup 3 --reps 10 --audit --json "$RESULTS/audit.json"
+  step "summary"
+  run $L_SUMMARY $PY benchmarks/gpu_summary.py table "$RESULTS/quant.json" "$RESULTS/audit.json" \
+    --ceilings "$RESULTS/ceilings.json" --markdown "$RESULTS/summary-1.md"
+else
+  step "ceilings (kept out of the returned files)"
+  run $L_CEIL $PY benchmarks/gpu_summary.py calibrate --json "$SCRATCH/ceilings.json"
   for model in mixtral-8x7b qwen3-30b-a3b deepseek-v3; do
-    run 80 $PY -m moecap_kernels.profile --model "$model" --phase decode --batch 1,8,64,256 \
-      --backend triton,grouped,loop --warmup 5 --reps 40 --json "$RESULTS/$model-decode.json"
-    run 60 $PY -m moecap_kernels.profile --model "$model" --phase prefill --batch 1 --seq-len 4096 \
-      --backend triton,grouped,loop --warmup 3 --reps 15 --json "$RESULTS/$model-prefill.json"
+    step "$model: decode T = 1, 8, 64, 256 and prefill 4096, triton (graph replays) / grouped / loop"
+    run $L_DECODE $PY -m moecap_kernels.profile --model "$model" --batch 1,8,64,256 --backend triton,grouped,loop --quant none \
+      --warmup 5 --reps 20 --json "$SCRATCH/$model-decode.json"
+    run $L_PREFILL $PY -m moecap_kernels.profile --model "$model" --phase prefill --batch 1 --seq-len 4096 --quant none \
+      --backend triton,grouped,loop --warmup 2 --reps 10 --no-accuracy --json "$SCRATCH/$model-prefill.json"
+    run $L_MERGE $PY benchmarks/gpu_summary.py merge "$SCRATCH/$model-decode.json" "$SCRATCH/$model-prefill.json" \
+      --json "$RESULTS/$model.json"
   done
+  step "summary"
+  run $L_SUMMARY $PY benchmarks/gpu_summary.py table "$RESULTS"/mixtral-8x7b.json "$RESULTS"/qwen3-30b-a3b.json \
+    "$RESULTS"/deepseek-v3.json --ceilings "$SCRATCH/ceilings.json" --markdown "$RESULTS/summary-2.md"
 fi
-
-step "summary"
-shopt -s nullglob
-$PY benchmarks/gpu_summary.py table "$RESULTS"/*-decode.json "$RESULTS"/*-prefill.json "$RESULTS"/*-quant.json \
-  --ceilings "$RESULTS/ceilings.json" --markdown "$RESULTS/summary.md"
+rm -rf "$SCRATCH"
 exit $status

@@ -130,6 +130,37 @@ def test_gpu_summary_table_from_profile_json(tmp_path, capsys):
     assert summary.count("\n") == 3 and "| loop |" in summary
 
 
+def test_gpu_summary_merges_and_reports_against_the_goals(tmp_path):
+    summary = load_script("gpu_summary")
+    row = {"model": "mixtral-8x7b", "phase": "decode", "tokens": 1, "backend": "triton",
+           "weight_format": "none", "s_mbu": 0.9, "s_mfu": 0.1,
+           "peak": {"source": "datasheet: NVIDIA H200 SXM"},
+           "kernel": {"load_amplification": 1.0}, "audit": {"read_over_counted": 1.08}}  # fmt: skip
+    slow = {**row, "backend": "loop", "s_mbu": 0.5, "kernel": None, "audit": {"unavailable": "ncu absent"}}
+    prefill = {**row, "phase": "prefill", "tokens": 4096, "s_mfu": 0.65, "kernel": None, "audit": None}
+    lines = summary.goal_lines([row, slow, prefill])
+    assert (
+        "goal mixtral-8x7b decode T=1: best triton s_mbu 0.90 (meets 0.85 of datasheet: NVIDIA H200 SXM)"
+        in lines
+    )
+    assert (
+        "goal mixtral-8x7b prefill T=4096: best triton s_mfu 0.65 (misses 0.7 of datasheet: NVIDIA H200 SXM)"
+        in lines
+    )
+    assert "goal load amplification mixtral-8x7b T=1 triton: 1.000 (meets ≤ 1.05)" in lines
+    assert "goal audit mixtral-8x7b T=1 triton: DRAM read / counted 1.080 (misses within 5%)" in lines
+    assert "audit mixtral-8x7b T=1 loop: ncu absent" in lines
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps({"schema_version": 1, "command": "one", "results": [row]}))
+    second.write_text(json.dumps({"schema_version": 1, "command": "two", "results": [prefill]}))
+    summary.merge([str(first), str(second)], str(tmp_path / "m.json"))
+    merged = json.loads((tmp_path / "m.json").read_text())
+    assert merged["command"] == "one && two" and [r["phase"] for r in merged["results"]] == [
+        "decode",
+        "prefill",
+    ]
+
+
 def test_cpu_kernel_bench_measures_a_tiny_layer():
     bench = load_script("cpu_kernel_bench")
     reason = bench.unavailable_reason()

@@ -117,3 +117,73 @@ def test_triton_quantized_matches_dequantized_float64_on_gpu(fmt, dtype, tokens)
     y = get_backend("triton").forward(x, weights, spec, ids, w)
     assert y.dtype == x.dtype and y.isfinite().all()
     assert relative_error(y, reference_forward(x, weights, spec, ids, w, dequantized=True)) < 1e-2
+
+
+# --- kernel time: CUDA graphs, the row's own device and stream ----------------------------------
+
+
+def _graph_row(backend_name: str, device: torch.device = CUDA):
+    import dataclasses
+
+    from moecap_kernels import hardware
+    from moecap_kernels.graphs import capture_graphs
+    from moecap_kernels.runner import ProfileRequest, Row, Scenario, profile_row
+
+    spec = MoESpec(name="graph", **LAYERS["shared"]).with_dtype("bfloat16")
+    request = ProfileRequest(spec, (Scenario("decode", 8),), (backend_name,), parse_routing("router"), device,
+                             warmup=3, reps=10, measure_energy=False)  # fmt: skip
+    weights = random_weights(spec, device, seed=1)
+    row = Row(request, weights, request.scenarios[0], 8)
+    info = dataclasses.replace(hardware.detect_device(device), llc_bytes=1 << 20)
+    peaks = hardware.Peaks(4e12, 1e15, "bfloat16", "given", "given")
+    return profile_row(
+        request, weights, row, request.scenarios[0], backend_name, info, peaks, capture=capture_graphs
+    )
+
+
+def test_triton_is_timed_by_graph_replays_with_its_eager_time_beside():
+    result = _graph_row("triton")
+    assert result.time.method == "cuda-graph replays" and len(result.time.samples_s) == 10
+    assert result.extras["time_s_eager"]["reps"] == 10
+    assert result.counts.forwards == 1 and result.counts.routed_pairs == 8 * 4  # per forward, from replays
+    assert result.rel_error < 1e-2  # the replayed output is the layer's
+
+
+def test_a_host_syncing_backend_stays_eager_and_says_why():
+    result = _graph_row("loop")
+    assert result.time.method == "cuda-events" and "waits for the host" in result.extras["cuda_graph"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_events_time_the_rows_own_device():
+    second = torch.device("cuda", 1)
+    with torch.cuda.device(0):  # the current device is another GPU than the row's
+        result = _graph_row("triton", second)
+    assert result.time.median > 1e-6 and result.extras["time_s_eager"]["median"] > 1e-6
+
+
+# --- the csrc kernels through CuPy/NVRTC -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("tokens", [1, 255, 4096])
+def test_cupy_kernels_match_the_extension_and_torch(tokens):
+    from moecap_kernels import cupy_kernels
+
+    if not cupy_kernels.available():
+        pytest.skip(f"the CuPy path cannot run here: {cupy_kernels.status()}")
+    spec = load_preset("deepseek-v3")
+    ids = synthetic_ids(parse_routing("zipf:1.2"), tokens, spec, seed=tokens).to(CUDA)
+    stats = torch.zeros(spec.num_experts + 6, dtype=torch.int64, device=CUDA)
+    for _ in range(2):
+        cupy_kernels.count_routing(
+            ids, stats, spec.num_experts, spec.expert_weight_bytes, 2 * spec.params_per_expert
+        )
+    reference = CountAccumulator(spec, "cpu")
+    for _ in range(2):
+        reference.add(ids.cpu())
+    assert torch.equal(stats.cpu(), reference.stats)
+    for block_m in (16, 64):
+        got = cupy_kernels.align_tokens(ids, spec.num_experts, block_m)
+        want = align_tokens_torch(ids.cpu(), spec.num_experts, block_m)
+        assert all(torch.equal(g.cpu(), w) for g, w in zip(got, (want.sorted_pair_ids, want.block_expert_ids,
+                                                                  want.num_padded), strict=True))  # fmt: skip
