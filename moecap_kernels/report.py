@@ -394,9 +394,12 @@ def energy_note(rows: Sequence[RowResult]) -> str:
 
 def cost_note(rows: Sequence[RowResult]) -> str | None:
     """What the $/Mtok column is and every price behind it, or None when no row is priced."""
-    priced = [r.cost for r in rows if r.cost is not None]
-    if not priced:
+    costs = [r.cost for r in rows if r.cost is not None]
+    if not costs:
         return None
+    priced = [c for c in costs if c.best_known is not None]
+    if not priced:  # say how to get a figure rather than an empty column
+        return f"$/Mtok: not shown ({costs[0].prices.describe()})."
     c = priced[0]
     shown = "rental" if c.rental_usd_per_mtok is not None else "ownership (capital + measured energy)"
     return f"$/Mtok: {shown}, per million {c.per}. {c.prices.describe()}."

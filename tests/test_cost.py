@@ -88,6 +88,15 @@ def test_list_prices_names_every_source(capsys):
     assert "h100-sxm" in out and "c7a.large" in out and "(estimate)" in out and "2026-08-26" in out
 
 
+def test_without_a_price_the_report_says_how_to_give_one(tmp_path, capsys):
+    argv = ["--config", str(tiny_config(tmp_path / "m")), "--batch", "2", "--backend", "loop",
+            "--warmup", "0", "--reps", "2", "--no-energy", *PEAKS]  # fmt: skip
+    assert profile_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "$/Mtok: not shown (rental: no price (give --price-per-hour or --instance" in out
+    assert not any("$/Mtok" in line for line in out.splitlines() if "┃" in line)  # no empty column
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
