@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # imported at run time only once the arguments are known to b
 
     from moecap_kernels import hardware
     from moecap_kernels.cost import Prices
-    from moecap_kernels.runner import RowResult, Scenario
+    from moecap_kernels.runner import ProfileRequest, RowResult, Scenario
     from moecap_kernels.spec import MoESpec
 
 DEFAULT_MODEL = "qwen3-30b-a3b"
@@ -789,7 +789,7 @@ def with_cost(row: RowResult, prices: Prices) -> RowResult:
     return dataclasses.replace(row, cost=cost_of(row.tokens / row.time.median, joules, prices, per))
 
 
-def with_audit(row: RowResult, request: object, console: Console) -> RowResult:
+def with_audit(row: RowResult, request: ProfileRequest, console: Console) -> RowResult:
     """``row`` with the DRAM bytes ncu saw one of its forwards move (``audit``), or why not."""
     import dataclasses
 
