@@ -178,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     how.add_argument("--no-accuracy", action="store_true", help="skip the float64 reference check")
     how.add_argument(
+        "--eager",
+        action="store_true",
+        help="CUDA: time eager launches only (by default graph-safe backends are timed by graph replays)",
+    )
+    how.add_argument(
         "--audit",
         action="store_true",
         help="CUDA: one forward of each row under Nsight Compute (ncu): DRAM bytes read and written "
@@ -696,6 +701,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         layer=layer,
         formats=formats,
         measure_energy=not args.no_energy,
+        cuda_graphs=not args.eager,
     )
     info = hardware.detect_device(device)
     prices = resolve_prices(args, info)

@@ -393,6 +393,11 @@ def profile_row(
     return dataclasses.replace(result, energy=reading)
 
 
+def graph_capture(request: ProfileRequest) -> Capture | None:
+    """How a row of ``request`` captures CUDA graphs: on CUDA unless ``--eager``; None elsewhere."""
+    return capture_graphs if request.device.type == "cuda" and request.cuda_graphs else None
+
+
 def run_profile(
     request: ProfileRequest,
     info: DeviceInfo,
@@ -409,7 +414,7 @@ def run_profile(
         layers.append((in_fmt, in_format(weights, in_fmt.spec), request.backends_for(name)))
     flusher = functools.cache(lambda: CacheFlusher(info.llc_bytes, request.device))  # made when first needed
     meter = energy_meter(request.device) if request.measure_energy else (None, "not measured (--no-energy)")
-    capture = capture_graphs if request.device.type == "cuda" and request.cuda_graphs else None
+    capture = graph_capture(request)
     results = []
     for scenario in request.scenarios:
         row = Row(request, weights, scenario, scenario.tokens)

@@ -110,3 +110,16 @@ def test_without_a_capture_nothing_changes():
 def test_only_backends_without_host_syncs_are_graph_safe(name):
     assert get_backend(name).graph_safe is False
     assert get_backend("triton").graph_safe is True
+
+
+def test_eager_turns_the_graphs_off():
+    from moecap_kernels.graphs import capture_graphs
+    from moecap_kernels.profile import parse_args
+    from moecap_kernels.runner import graph_capture
+
+    assert parse_args(["--eager"]).eager is True and parse_args([]).eager is False
+    request, _, _, _ = _row_inputs()
+    cuda = dataclasses.replace(request, device=torch.device("cuda"))
+    assert graph_capture(cuda) is capture_graphs
+    assert graph_capture(dataclasses.replace(cuda, cuda_graphs=False)) is None
+    assert graph_capture(request) is None  # a CPU has no graphs to capture
