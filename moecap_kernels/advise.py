@@ -24,7 +24,7 @@ from moecap_kernels import limits
 from moecap_kernels.errors import UserError
 from moecap_kernels.exits import Interrupt, run_cli
 from moecap_kernels.files import check_writable
-from moecap_kernels.profile import _Parser, format_names, integer, integer_list, text_arg
+from moecap_kernels.profile import _console, _Parser, format_names, integer, integer_list, text_arg
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from moecap_kernels.spec import ModelFacts, MoESpec
 
 DEFAULT_SCENARIO = "decode:1,8,64"
+DEFAULT_USABLE_MEMORY = 0.9  # of a device's memory, for the weights (--usable-memory)
 DEFAULT_FORMATS = ("none", "fp8-block", "int4-g128")
 PHASES = ("decode", "prefill")
 
@@ -89,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--efficiency-bandwidth", type=fraction, help="e_bw for every device (default: per kind)")
     p.add_argument("--efficiency-flops", type=fraction, help="e_flops for every device (default: per kind)")
     p.add_argument(
-        "--usable-memory", type=fraction, default=0.9, help="fraction of a device's memory for weights (0.9)"
+        "--usable-memory",
+        type=fraction,
+        default=DEFAULT_USABLE_MEMORY,
+        help=f"fraction of a device's memory for weights ({DEFAULT_USABLE_MEMORY})",
     )
     p.add_argument("--instance", type=text_arg, help="price this machine as a table instance (--list-prices)")
     p.add_argument("--top", type=integer(1, 10_000), default=12, help="ranked rows shown per T (default 12)")
@@ -241,11 +245,10 @@ def format_label(spec: MoESpec, name: str) -> str:
 def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     with Interrupt.deferred():
         import torch  # noqa: F401  (imported while Ctrl-C is held back)
-        from rich.console import Console
 
         from moecap_kernels.projection import project
         from moecap_kernels.spec import load_model_facts, load_preset
-    console = Console() if Console().is_terminal else Console(width=160)
+    console = _console()
     spec = load_preset(args.model)
     facts = load_model_facts(args.model)
     formats, notes = formats_for(spec, args.formats)
@@ -387,7 +390,7 @@ def print_advice(
             )
         console.print(table)
     for line in lines:
-        console.print(line, style="dim", markup=False, highlight=False)
+        console.print(line, style="dim", markup=False, highlight=False, soft_wrap=True)  # one line each
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -44,8 +44,9 @@ def ncu_command(ncu: str, child: Sequence[str]) -> list[str]:
 
 
 def parse_ncu_csv(text: str) -> dict[str, float]:
-    """{metric: sum over the kernels} of ``ncu --csv --page raw`` output (its units row honoured);
-    UserError-free: a line ncu printed around the table (``==PROF==`` notices) is skipped."""
+    """{metric: sum over the kernels, "kernels": their number} of ``ncu --csv --page raw`` output,
+    its units row honoured; the lines ncu prints around the table (``==PROF==`` notices) are
+    skipped. ValueError when there is no table."""
     lines = [line for line in text.splitlines() if line.startswith('"')]
     rows = list(csv.reader(io.StringIO("\n".join(lines))))
     if not rows:

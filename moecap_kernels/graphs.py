@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+REPLAYS = "cuda-graph replays"  # TimingStats.method of a timed row's replays
 Replay = Callable[[int], None]
 Capture = Callable[[Callable[[int], object], int, torch.device], Replay]
 

@@ -25,8 +25,6 @@ from moecap_kernels.cost import Prices, cost_of
 from moecap_kernels.metrics import traffic, work
 from moecap_kernels.spec import ModelFacts, MoESpec
 
-DEFAULT_USABLE_MEMORY = 0.9
-
 
 @dataclass(frozen=True)
 class Target:
@@ -86,7 +84,7 @@ class Projection:
         }
 
 
-def devices_needed(model_bytes: int, memory_bytes: float, usable: float = DEFAULT_USABLE_MEMORY) -> int:
+def devices_needed(model_bytes: int, memory_bytes: float, usable: float) -> int:
     """The fewest devices whose usable memory holds ``model_bytes`` of weights."""
     return max(1, math.ceil(model_bytes / (memory_bytes * usable)))
 
@@ -125,7 +123,7 @@ def project(
     facts: ModelFacts,
     tokens_per_expert: Sequence[int],
     target: Target,
-    usable: float = DEFAULT_USABLE_MEMORY,
+    usable: float,
 ) -> Projection:
     """The PROJECTED layer time, model tokens/s and $/Mtok of ``spec`` (in its weight format) on
     ``target``, for the routing whose per-expert pair counts are ``tokens_per_expert``."""

@@ -23,7 +23,7 @@ from moecap_kernels.counters import CountAccumulator, Counts
 from moecap_kernels.dtypes import torch_dtype
 from moecap_kernels.energy import EnergyMeter, EnergyReading, energy_meter, measure_energy
 from moecap_kernels.errors import UserError
-from moecap_kernels.graphs import Capture, capture_graphs, try_capture
+from moecap_kernels.graphs import REPLAYS, Capture, capture_graphs, try_capture
 from moecap_kernels.hardware import DeviceInfo, Peaks
 from moecap_kernels.metrics import Traffic, Utilization, Work, load_imbalance, traffic, utilization, work
 from moecap_kernels.nvtx import nvtx_range
@@ -380,7 +380,7 @@ def profile_row(
             eager = timing
             timing = time_region(
                 replay, request.device, warmup=min(request.warmup, 3), reps=request.reps, between=between,
-                after_warmup=run.reset_counts, method="cuda-graph replays",
+                after_warmup=run.reset_counts, method=REPLAYS,
             )  # fmt: skip
             graph_extras["time_s_eager"] = eager.to_dict()
     result = run.finish(scenario, timing, info, peaks, flush)

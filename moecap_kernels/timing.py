@@ -116,8 +116,11 @@ def time_interleaved(
     return [TimingStats(tuple(samples), clock.method) for samples in clock.seconds(len(runs))]
 
 
+EAGER_HOST, EAGER_CUDA = "perf_counter", "cuda-events"  # TimingStats.method of a loop of calls
+
+
 class _HostClock:
-    method = "perf_counter"
+    method = EAGER_HOST
 
     def __init__(self) -> None:
         self._samples: dict[int, list[float]] = {}
@@ -137,7 +140,7 @@ class _CudaClock:
     work is queued on; with ``cuda:N`` the current device may be another GPU, whose stream would be
     idle); elapsed times are read after one synchronisation at the end."""
 
-    method = "cuda-events"
+    method = EAGER_CUDA
 
     def __init__(self, device: torch.device) -> None:
         self._device = device

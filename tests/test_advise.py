@@ -40,10 +40,11 @@ def test_weight_bytes_by_hand():
 
 
 def test_devices_needed():
-    assert devices_needed(100, 1000) == 1
-    assert devices_needed(900, 1000, usable=0.9) == 1
-    assert devices_needed(901, 1000, usable=0.9) == 2
-    assert devices_needed(10**12, 80 * 2**30) == math.ceil(10**12 / (80 * 2**30 * 0.9))
+    assert devices_needed(100, 1000, 0.9) == 1
+    assert devices_needed(900, 1000, 0.9) == 1
+    assert devices_needed(901, 1000, 0.9) == 2
+    assert devices_needed(901, 1000, 1.0) == 1
+    assert devices_needed(10**12, 80 * 2**30, 0.9) == math.ceil(10**12 / (80 * 2**30 * 0.9))
 
 
 def test_busiest_device_on_one_device_is_the_layer():
@@ -70,7 +71,7 @@ def test_projection_by_hand():
     spec = tiny_spec()
     facts = ModelFacts(params=50_000, layers=4, moe_layers=4, source="test")
     target = Target("dev", 10**6, 1e9, 1e12, 0.5, 0.5, "assumed", "test", usd_per_hour=3.6)
-    p = project(spec, facts, [1, 1, 0, 0, 0, 0, 0, 0], target)
+    p = project(spec, facts, [1, 1, 0, 0, 0, 0, 0, 0], target, 0.9)
     nbytes, nflops = busiest_device(spec, [1, 1, 0, 0, 0, 0, 0, 0], 1)
     assert p.devices == 1 and p.tokens == 1
     assert p.layer_time_s == pytest.approx(max(nbytes / 0.5e9, nflops / 0.5e12))

@@ -142,16 +142,20 @@ def _graph_row(backend_name: str, device: torch.device = CUDA):
 
 
 def test_triton_is_timed_by_graph_replays_with_its_eager_time_beside():
+    from moecap_kernels.graphs import REPLAYS
+
     result = _graph_row("triton")
-    assert result.time.method == "cuda-graph replays" and len(result.time.samples_s) == 10
+    assert result.time.method == REPLAYS and len(result.time.samples_s) == 10
     assert result.extras["time_s_eager"]["reps"] == 10
     assert result.counts.forwards == 1 and result.counts.routed_pairs == 8 * 4  # per forward, from replays
     assert result.rel_error < 1e-2  # the replayed output is the layer's
 
 
 def test_a_host_syncing_backend_stays_eager_and_says_why():
+    from moecap_kernels.timing import EAGER_CUDA
+
     result = _graph_row("loop")
-    assert result.time.method == "cuda-events" and "waits for the host" in result.extras["cuda_graph"]
+    assert result.time.method == EAGER_CUDA and "waits for the host" in result.extras["cuda_graph"]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

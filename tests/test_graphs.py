@@ -12,10 +12,11 @@ import torch
 
 from moecap_kernels import hardware
 from moecap_kernels.backends import get_backend
-from moecap_kernels.graphs import try_capture
+from moecap_kernels.graphs import REPLAYS, try_capture
 from moecap_kernels.report import denominators_note, record, results_table
 from moecap_kernels.routing import parse_routing
 from moecap_kernels.runner import INPUT_COPIES, ProfileRequest, Row, Scenario, profile_row
+from moecap_kernels.timing import EAGER_HOST
 from moecap_kernels.weights import random_weights
 from tests.hardware_fakes import fake_info
 from tests.helpers import tiny_spec
@@ -61,11 +62,11 @@ def test_graph_safe_backends_are_timed_by_replays_with_eager_beside(monkeypatch)
     result = _profile(capture, monkeypatch, graph_safe=True)
     assert capture.captured == [(INPUT_COPIES, CPU)]
     assert capture.replays == 1 + 4  # warm-up (min(warmup, 3) = 1) and the 4 timed replays
-    assert result.time.method == "cuda-graph replays" and len(result.time.samples_s) == 4
+    assert result.time.method == REPLAYS and len(result.time.samples_s) == 4
     eager = result.extras["time_s_eager"]
-    assert eager["reps"] == 4 and eager["method"] == "perf_counter"
+    assert eager["reps"] == 4 and eager["method"] == EAGER_HOST
     entry = record(result)
-    assert entry["time_s"]["method"] == "cuda-graph replays" and entry["time_s_eager"] == eager
+    assert entry["time_s"]["method"] == REPLAYS and entry["time_s_eager"] == eager
     _, _, row, _ = _row_inputs()
     counts = torch.bincount(row.ids.reshape(-1), minlength=8).tolist()
     assert list(result.counts.tokens_per_expert) == counts  # per forward, over the replays alone
@@ -78,7 +79,7 @@ def test_graph_safe_backends_are_timed_by_replays_with_eager_beside(monkeypatch)
 def test_other_backends_keep_their_eager_time_and_say_why(monkeypatch):
     capture = StandInCapture()
     result = _profile(capture, monkeypatch, graph_safe=False)
-    assert capture.captured == [] and result.time.method == "perf_counter"
+    assert capture.captured == [] and result.time.method == EAGER_HOST
     assert result.extras["cuda_graph"] == "not captured: the backend waits for the host inside a forward"
     assert "time_s_eager" not in result.extras
 
@@ -88,7 +89,7 @@ def test_a_failed_capture_falls_back_in_one_line(monkeypatch):
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
 
     result = _profile(failing, monkeypatch, graph_safe=True)
-    assert result.time.method == "perf_counter"
+    assert result.time.method == EAGER_HOST
     assert result.extras["cuda_graph"] == (
         "not captured as a CUDA graph: CUDA error: operation not permitted when stream is capturing"
     )
@@ -102,7 +103,7 @@ def test_try_capture_passes_the_replay_through():
 def test_without_a_capture_nothing_changes():
     request, weights, row, info = _row_inputs()
     result = profile_row(request, weights, row, request.scenarios[0], "loop", info, PEAKS)
-    assert result.time.method == "perf_counter"
+    assert result.time.method == EAGER_HOST
     assert "cuda_graph" not in result.extras and "time_s_eager" not in result.extras
 
 

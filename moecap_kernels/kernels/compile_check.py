@@ -19,6 +19,7 @@ subset in CI.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import re
@@ -60,6 +61,7 @@ class Launch:
     num_warps: int
     num_stages: int
     where: tuple[str, ...] = field(default=(), compare=False)  # the layers and T that launch it
+    lazy: Any = field(default=None, compare=False, repr=False)  # the lazy_jit kernel itself
 
     @property
     def label(self) -> str:
@@ -134,7 +136,9 @@ def _specialise(name: str, kernel: Any, args: tuple, kwargs: dict, where: str) -
             signature.append((arg, "fp32"))
         else:
             raise TypeError(f"{name}: argument {arg} of type {type(value).__name__} is not modelled")
-    return Launch(name, tuple(signature), tuple(constants), tuple(divisible), num_warps, num_stages, (where,))
+    return Launch(
+        name, tuple(signature), tuple(constants), tuple(divisible), num_warps, num_stages, (where,), kernel
+    )
 
 
 def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
@@ -226,11 +230,8 @@ def distinct(launches: Sequence[Launch]) -> list[Launch]:
     merged: dict[Launch, Launch] = {}
     for launch in launches:
         seen = merged.get(launch)
-        merged[launch] = (
-            launch
-            if seen is None
-            else Launch(**{**seen.__dict__, "where": tuple(dict.fromkeys(seen.where + launch.where))})
-        )
+        where = launch.where if seen is None else tuple(dict.fromkeys(seen.where + launch.where))
+        merged[launch] = dataclasses.replace(seen or launch, where=where)
     return list(merged.values())
 
 
@@ -259,16 +260,6 @@ class Compiled:
         if self.arch >= 90 and self.spill_bytes:
             found.append(f"spills {self.spill_bytes} B to local memory on sm_{self.arch}")
         return found
-
-
-def _kernels() -> dict[str, Any]:
-    """The lazy kernels by the names ``Launch.kernel`` uses."""
-    from moecap_kernels.kernels.act_quant import quantize_rows_kernel
-    from moecap_kernels.kernels.combine import combine_kernel
-    from moecap_kernels.kernels.grouped_gemm import down_kernel, gate_up_kernel
-
-    return {"gate_up": gate_up_kernel, "down": down_kernel, "quantize_rows": quantize_rows_kernel,
-            "combine": combine_kernel}  # fmt: skip
 
 
 def nvidia_tools() -> Path | None:
@@ -300,7 +291,7 @@ def compile_launch(launch: Launch, arch: int) -> Compiled:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = _kernels()[launch.kernel].jitted()
+    fn = launch.lazy.jitted()
     signature = dict(launch.signature)
     constants = dict(launch.constants)
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in launch.divisible}
